@@ -1,0 +1,257 @@
+"""The Gradient Agreement Filtering rule, computed from the Gram matrix.
+
+GAF (Chaubard, Eddy & Kochenderfer, 2024, Algorithm 1) walks the micro-gradients of a macrobatch
+in a fixed order: the first one starts a running sum ``S``; each next ``g_j`` joins it when its
+cosine distance ``1 - cos(g_j, S)`` is at most the threshold ``tau``. The update is ``S / c`` for
+``c`` accepted micro-gradients, and the step is skipped when no two agree (``c == 1``).
+
+Every quantity the rule looks at is an inner product of micro-gradients, so it runs on the
+``M x M`` Gram matrix ``G = [<g_i, g_j>]`` alone. Keeping ``v = sum_{i accepted} G[i, :]`` and
+``s = |S|^2``, the cosine of a candidate is ``v[j] / sqrt(G[j, j] * s)``. That is what makes the
+distributed exchange cheap (each process reduces a Gram matrix of its shard, never the vectors)
+and what makes order-robust variants affordable: ``"best_start"`` runs the rule from every
+starting micro-gradient at once and keeps the run that accepts the most.
+
+This module is pure math: no ``torch.distributed``. The exchange strategies build on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "RULES",
+    "Decision",
+    "GAFResult",
+    "accepted_mean",
+    "check_rule",
+    "check_threshold",
+    "decide",
+    "filter_microgradients",
+    "gram_matrix",
+    "stack_microgradients",
+]
+
+RULES = ("sequential", "best_start")
+
+# Slack on the threshold test, so that rounding in the Gram matrix cannot make a micro-gradient
+# disagree with an identical one at tau = 0 (or an antiparallel one at tau = 2).
+AGREEMENT_TOLERANCE = 1e-6
+
+# Columns per chunk of the float32 Gram products, accumulated in float64: keeps the reduction
+# memory-bound and its rounding independent of P.
+GRAM_CHUNK = 1 << 16
+
+
+def check_threshold(threshold: float) -> float:
+    """Return ``threshold`` as a float, or raise if it is not a cosine distance in [0, 2]."""
+    try:
+        tau = float(threshold)
+    except (TypeError, ValueError):
+        raise TypeError(f"GAF threshold must be a number in [0, 2], got {threshold!r}.") from None
+    if not (0.0 <= tau <= 2.0):
+        raise ValueError(
+            f"GAF threshold must be a cosine distance in [0, 2], got {threshold!r}. "
+            "Use 0.95-1.05 for filtering (the paper's best under label noise is 0.97) "
+            "or 2 for plain averaging."
+        )
+    return tau
+
+
+def check_rule(rule: str) -> str:
+    """Return ``rule`` or raise if it is not one of :data:`RULES`."""
+    if rule not in RULES:
+        raise ValueError(f"Unknown GAF rule {rule!r}; choose one of {', '.join(map(repr, RULES))}.")
+    return rule
+
+
+@dataclass
+class GAFResult:
+    """The outcome of filtering one macrobatch of ``M`` micro-gradients.
+
+    Attributes:
+        gradient: the filtered mean ``sum_i weights[i] * g_i`` (shape ``[P]``, the dtype of the
+            micro-gradients), or ``None`` when the step is skipped.
+        accepted: bool ``[M]``, which micro-gradients entered the sum.
+        weights: float64 ``[M]``, ``1 / c`` for accepted micro-gradients and 0 otherwise.
+        distances: float64 ``[M]``, the cosine distance of each micro-gradient to the running sum
+            when the rule compared them; NaN where no comparison happened (the one that started
+            the sum, and excluded zero or non-finite micro-gradients).
+        skipped: True when fewer than two micro-gradients agree: the optimizer must not step.
+        start: index of the micro-gradient that started the sum (``-1`` if none could).
+    """
+
+    gradient: torch.Tensor | None
+    accepted: torch.Tensor
+    weights: torch.Tensor
+    distances: torch.Tensor
+    skipped: bool
+    start: int
+
+    @property
+    def num_accepted(self) -> int:
+        return int(self.accepted.sum())
+
+    @property
+    def num_microgradients(self) -> int:
+        return self.accepted.numel()
+
+
+def stack_microgradients(grads: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Return the micro-gradients as one ``[M, P]`` floating tensor (flattening each one)."""
+    if isinstance(grads, torch.Tensor):
+        if grads.dim() != 2:
+            raise ValueError(f"Expected micro-gradients as an [M, P] tensor, got shape {tuple(grads.shape)}.")
+        block = grads
+    else:
+        if len(grads) == 0:
+            raise ValueError("Expected at least one micro-gradient, got none.")
+        sizes = {g.numel() for g in grads}
+        if len(sizes) != 1:
+            raise ValueError(f"All micro-gradients must have the same number of elements, got sizes {sorted(sizes)}.")
+        block = torch.stack([g.reshape(-1) for g in grads])
+    if block.shape[0] == 0:
+        raise ValueError("Expected at least one micro-gradient, got none.")
+    if not block.is_floating_point():
+        raise TypeError(f"Micro-gradients must be floating point, got {block.dtype}.")
+    return block
+
+
+def gram_matrix(block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Add the Gram matrix ``block @ block.T`` of an ``[M, n]`` block into a float64 ``[M, M]``.
+
+    Products are taken in float32 (float64 for float64 input) over column chunks and accumulated
+    in float64, so that half-precision gradients lose nothing and long vectors lose little.
+    Passing ``out`` accumulates into it (partial Gram matrices of shards or buckets add up).
+    """
+    m = block.shape[0]
+    if out is None:
+        out = torch.zeros(m, m, dtype=torch.float64, device=block.device)
+    compute_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
+    for start in range(0, block.shape[1], GRAM_CHUNK):
+        chunk = block[:, start : start + GRAM_CHUNK].to(compute_dtype)
+        out += (chunk @ chunk.T).to(torch.float64)
+    return out
+
+
+@dataclass
+class Decision:
+    """What the rule decides from a Gram matrix; see :class:`GAFResult` for the fields."""
+
+    accepted: torch.Tensor
+    weights: torch.Tensor
+    distances: torch.Tensor
+    skipped: bool
+    start: int
+
+
+def decide(gram: torch.Tensor, threshold: float, rule: str = "sequential") -> Decision:
+    """Run the GAF rule on a Gram matrix of ``M`` micro-gradients in canonical order.
+
+    ``"sequential"`` is the paper's Algorithm 1. ``"best_start"`` runs it from every start (the
+    others taken cyclically in canonical order) and keeps the run accepting the most
+    micro-gradients, the lowest start on ties. Zero or non-finite micro-gradients (non-finite or
+    non-positive diagonal) never start or join the sum. The answer is a deterministic function of
+    ``gram``, so identical Gram matrices give identical decisions on every process.
+    """
+    tau = check_threshold(threshold)
+    check_rule(rule)
+    gram = gram.detach().to(device="cpu", dtype=torch.float64)
+    m = gram.shape[0]
+    diag = gram.diagonal()
+    valid = torch.isfinite(diag) & (diag > 0)
+    starts = torch.arange(m) if rule == "best_start" else torch.zeros(1, dtype=torch.long)
+    accepted, distances = _run_rule(gram, valid, starts, tau)
+    counts = accepted.sum(dim=1)
+    best = int(torch.argmax(counts))  # argmax returns the first maximum: lowest start wins ties
+    accepted, distances = accepted[best], distances[best]
+    count = int(counts[best])
+    skipped = count < 2
+    weights = torch.zeros(m, dtype=torch.float64)
+    if not skipped:
+        weights[accepted] = 1.0 / count
+    first = _first_valid(valid, int(starts[best]))
+    return Decision(accepted, weights, distances, skipped, first)
+
+
+def _first_valid(valid: torch.Tensor, start: int) -> int:
+    order = torch.roll(torch.arange(valid.numel()), -start)
+    candidates = order[valid[order]]
+    return int(candidates[0]) if candidates.numel() else -1
+
+
+def _run_rule(
+    gram: torch.Tensor, valid: torch.Tensor, starts: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run Algorithm 1 from each start at once; returns ``accepted`` and ``distances``, ``[R, M]``."""
+    m = gram.shape[0]
+    runs = starts.numel()
+    rows = torch.arange(runs)
+    safe_gram = torch.where(valid[:, None] & valid[None, :], gram, torch.zeros((), dtype=gram.dtype))
+    norms = safe_gram.diagonal().sqrt()
+    accepted = torch.zeros(runs, m, dtype=torch.bool)
+    distances = torch.full((runs, m), math.nan, dtype=torch.float64)
+    v = torch.zeros(runs, m, dtype=torch.float64)  # sum of Gram rows of accepted micro-gradients
+    s = torch.zeros(runs, dtype=torch.float64)  # squared norm of the running sum
+    started = torch.zeros(runs, dtype=torch.bool)
+    for offset in range(m):
+        j = (starts + offset) % m
+        ok = valid[j]
+        start_now = ok & ~started
+        cos = v[rows, j] / (norms[j] * s.clamp_min(torch.finfo(torch.float64).tiny).sqrt())
+        dist = 1.0 - cos
+        join = ok & started & (dist <= tau + AGREEMENT_TOLERANCE)
+        compared = ok & started
+        distances[rows[compared], j[compared]] = dist[compared]
+        take = start_now | join
+        accepted[rows[take], j[take]] = True
+        s = torch.where(take, s + 2.0 * v[rows, j] + safe_gram[j, j], s)
+        v = torch.where(take[:, None], v + safe_gram[j], v)
+        started |= start_now
+    return accepted, distances
+
+
+def accepted_mean(block: torch.Tensor, accepted: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``S / c``: the sum of the accepted rows of ``block`` divided by their count.
+
+    Rejected rows are never read, so an excluded NaN micro-gradient cannot leak into the result.
+    Accumulates in float32 at least and returns the block's dtype (or writes into ``out``).
+    """
+    rows = torch.nonzero(accepted.cpu()).flatten().tolist()
+    if not rows:
+        raise ValueError("accepted_mean needs at least one accepted micro-gradient.")
+    acc_dtype = torch.promote_types(block.dtype, torch.float32)
+    acc = block[rows[0]].to(acc_dtype, copy=True)
+    for i in rows[1:]:
+        acc.add_(block[i])
+    acc.div_(len(rows))
+    if out is None:
+        return acc.to(block.dtype)
+    return out.copy_(acc)
+
+
+def filter_microgradients(
+    grads: torch.Tensor | Sequence[torch.Tensor], threshold: float, *, rule: str = "sequential"
+) -> GAFResult:
+    """Filter ``M`` micro-gradients by agreement and average the ones that agree.
+
+    Args:
+        grads: an ``[M, P]`` tensor, or a sequence of ``M`` tensors of equal size (any shape and
+            floating dtype; each is flattened), in canonical order.
+        threshold: cosine-distance threshold ``tau`` in [0, 2]; 2 admits every finite, non-zero
+            micro-gradient, i.e. plain averaging.
+        rule: ``"sequential"`` (the paper's Algorithm 1) or ``"best_start"`` (order-robust).
+
+    Returns:
+        A :class:`GAFResult`; ``gradient`` is ``[P]`` in the input dtype, or None if skipped.
+    """
+    check_threshold(threshold)
+    check_rule(rule)
+    block = stack_microgradients(grads)
+    decision = decide(gram_matrix(block), threshold, rule)
+    gradient = None if decision.skipped else accepted_mean(block, decision.accepted)
+    return GAFResult(gradient=gradient, **vars(decision))
