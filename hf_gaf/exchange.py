@@ -1,0 +1,539 @@
+"""GAF across processes: exchange micro-gradients and filter them by agreement.
+
+:func:`gaf_all_reduce` replaces ``dist.all_reduce`` in a data-parallel loop. Each of the ``N``
+processes holds ``K`` micro-gradients of ``P`` elements (a ``[K, P]`` tensor); together they are
+the ``M = N * K`` micro-gradients of one macrobatch, in canonical rank-major order (index
+``rank * K + k``). Every process gets the :class:`~hf_gaf.rule.GAFResult` that
+:func:`~hf_gaf.rule.filter_microgradients` gives on all ``M`` of them, with the complete filtered
+gradient; the result is bit-identical on every rank.
+
+The rule only needs the ``M x M`` Gram matrix (see :mod:`hf_gaf.rule`), and a Gram matrix is a
+sum over columns. So the default ``"sharded"`` exchange never gathers the vectors:
+
+1. ``P`` is cut into column buckets of about ``bucket_size`` elements, each bucket into ``N``
+   contiguous shards of whole Gram chunks; rank ``s`` owns shard ``s`` of every bucket.
+2. ``all_to_all_single`` (one per bucket and micro-gradient, straight from the caller's buffer,
+   into a receive buffer kept between calls): rank ``s`` receives its shard of all ``M``
+   micro-gradients, an ``[M, P/N]`` block.
+3. Each rank computes the Gram matrix of its block (float32 products of column chunks,
+   accumulated in float64) and all ranks all-gather these ``N`` tiny partial matrices and add
+   them in rank order: every rank holds the same bits of ``G``.
+4. :func:`~hf_gaf.rule.decide` on ``G``: identical input, identical decision, no broadcast.
+5. Each rank averages the accepted rows of its block into its slice of the gradient (rejected
+   rows, possibly NaN, are never read), and every rank gets all the slices: one broadcast per
+   owner on gloo (measured faster than gloo's all-gather), one in-place all-gather on NCCL.
+
+Cost per rank, in elements (``M = N K``; a ring all-reduce for reference)::
+
+    exchange       sent = received          extra memory
+    all_reduce     2 P (N-1)/N              0 (in place)
+    all_gather     K P (N-1)                N K P  (+ P result)
+    sharded        (K+1) P (N-1)/N          K P    (+ P result)
+
+At ``K = 1`` the sharded exchange moves exactly what a ring all-reduce moves. Its remaining
+costs are the Gram matrix and the mean over ``M`` rows of a ``P/N`` block, both memory-bound, and
+one collective of ``N M^2`` float64 values. The all-gather exchange is the naive baseline of the
+published GAF code, kept for comparison and for tiny models; it computes the Gram matrix exactly
+as :func:`~hf_gaf.rule.filter_microgradients` does.
+
+State lives in one small object, :class:`GAFExchange` (like ``PowerSGDState`` for DDP comm
+hooks): the process group, the exchange, the bucket size and the buffers reused between calls
+(a freshly allocated receive buffer costs more in page faults than the transfer itself). A
+training loop keeps one and calls it once per optimizer step; :func:`gaf_all_reduce` is the
+functional form, backed by a cached default state per group and exchange.
+
+Argument errors (threshold, rule, exchange, ``K``, ``P`` or dtype differing across ranks) are
+detected with one collective of a few numbers before the large exchange and raised on every
+rank, so a mistake on one rank never leaves the others waiting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .rule import (
+    GRAM_CHUNK,
+    RULES,
+    GAFResult,
+    check_rule,
+    check_threshold,
+    decide,
+    filter_microgradients,
+    gram_matrix,
+    stack_microgradients,
+)
+
+__all__ = ["DEFAULT_BUCKET_SIZE", "EXCHANGES", "GAFExchange", "gaf_all_reduce"]
+
+EXCHANGES = ("sharded", "all_gather")
+
+# Columns per bucket (rounded up to N whole Gram chunks). It sets the exchange granularity and bounds
+# the temporaries; the gradient does not depend on it, the Gram matrix only through rounding.
+DEFAULT_BUCKET_SIZE = 1 << 22
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# torch >= 2.10 renamed all_gather_into_tensor; the output is the inputs concatenated along dim 0.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Columns ``[start, stop)`` of every micro-gradient; rank ``r`` owns ``sizes[r]`` of them."""
+
+    start: int
+    stop: int
+    sizes: tuple[int, ...]
+    offset: int  # where this bucket's received block starts in the receive buffer
+
+    @property
+    def even(self) -> bool:
+        return len(set(self.sizes)) == 1
+
+
+class GAFExchange:
+    """Reusable state for :func:`gaf_all_reduce`: process group, exchange, bucket size, buffers.
+
+    Create one per training run (identically on every rank) and call it once per optimizer step::
+
+        gaf = GAFExchange(exchange="sharded")
+        result = gaf(local_grads, threshold=0.97)  # local_grads: this rank's [K, P]
+        if not result.skipped:
+            write_back(result.gradient)
+
+    Args:
+        group: process group (``None``: the default group). Without an initialised process group,
+            or with a single process, the local micro-gradients are filtered alone.
+        exchange: ``"sharded"`` (all-reduce bandwidth, the default) or ``"all_gather"`` (naive).
+        bucket_size: columns per bucket of the sharded exchange; bounds its temporaries.
+
+    Unless ``out`` is passed, ``result.gradient`` may be a buffer owned by this object, which its
+    next call overwrites: copy it (or pass ``out``, e.g. the tensor behind ``.grad``) to keep it.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        exchange: str = "sharded",
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
+    ) -> None:
+        _check_exchange(exchange)
+        if int(bucket_size) < 1:
+            raise ValueError(f"bucket_size must be a positive number of elements, got {bucket_size!r}.")
+        self.group = group
+        self.exchange = exchange
+        self.bucket_size = int(bucket_size)
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._layout_key: tuple | None = None
+        self._buckets: list[_Bucket] = []
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the buffers kept between calls: the exchange's extra memory per rank."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(exchange={self.exchange!r}, bucket_size={self.bucket_size})"
+
+    def __call__(
+        self,
+        local_grads: torch.Tensor | Sequence[torch.Tensor],
+        threshold: float,
+        rule: str = "sequential",
+        *,
+        out: torch.Tensor | None = None,
+    ) -> GAFResult:
+        """Filter the micro-gradients of all ranks; see :func:`gaf_all_reduce` for the contract."""
+        if not _is_distributed(self.group):
+            return _filter_locally(local_grads, threshold, rule, out)
+        block, tau = _validate_across_ranks(local_grads, threshold, rule, self.exchange, out, self.group)
+        if self.exchange == "all_gather":
+            return self._all_gather(block, tau, rule, out)
+        return self._sharded(block, tau, rule, out)
+
+    # -- exchanges ------------------------------------------------------------------------------
+
+    def _all_gather(self, block: torch.Tensor, tau: float, rule: str, out: torch.Tensor | None) -> GAFResult:
+        n = dist.get_world_size(self.group)
+        k, p = block.shape
+        gathered = self._buffer("gathered", (n * k, p), block)
+        _all_gather_single(gathered, block, group=self.group)
+        decision = decide(gram_matrix(gathered), tau, rule)
+        gradient = None
+        if not decision.skipped:
+            gradient = self._destination(out, p, block)
+            _mean_of_rows([gathered[i] for i in _indices(decision.accepted)], gradient)
+        return GAFResult(gradient=gradient, **vars(decision))
+
+    def _sharded(self, block: torch.Tensor, tau: float, rule: str, out: torch.Tensor | None) -> GAFResult:
+        group = self.group
+        n, rank = dist.get_world_size(group), dist.get_rank(group)
+        k, p = block.shape
+        m = n * k
+        buckets = self._layout(n, rank, p)
+        recv = self._buffer("recv", (k * sum(n * b.sizes[rank] for b in buckets),), block)
+
+        # Steps 2-3, pipelined: bucket b+1 is in flight while the Gram matrix of bucket b is computed.
+        # Received rows are stored micro-gradient-major ([K, N, shard]): row k * N + r.
+        gram = torch.zeros(m, m, dtype=torch.float64, device=block.device)
+        pending = self._send_bucket(block, recv, buckets[0], group) if buckets else []
+        for b, bucket in enumerate(buckets):
+            following = self._send_bucket(block, recv, buckets[b + 1], group) if b + 1 < len(buckets) else []
+            for work in pending:
+                work.wait()
+            gram_matrix(_received(recv, bucket, k, n, rank).view(m, -1), out=gram)
+            pending = following
+        canonical = _storage_rows(n, k, device=gram.device)  # canonical index -> storage row
+        gram = gram[canonical][:, canonical]
+
+        # Step 3: sum the partial Gram matrices in rank order, identically on every rank.
+        parts = gram.new_empty((n * m, m))
+        _all_gather_single(parts, gram, group=group)
+        gram = parts[:m].clone()
+        for part in parts[m:].split(m):
+            gram += part
+
+        decision = decide(gram, tau, rule)
+        if decision.skipped:
+            return GAFResult(gradient=None, **vars(decision))
+
+        # Step 5: average the accepted rows of each shard straight into its place in the gradient,
+        # and share it while the next bucket is averaged.
+        rows = canonical[_indices(decision.accepted)].tolist()
+        gradient = self._destination(out, p, block)
+        pending = []
+        for bucket in buckets:
+            shard = _received(recv, bucket, k, n, rank).view(m, -1)
+            _mean_of_rows([shard[i] for i in rows], _shards_of(gradient, bucket)[rank])
+            pending += _share_shards(gradient, bucket, rank, group)
+        for work in pending:
+            work.wait()
+        return GAFResult(gradient=gradient, **vars(decision))
+
+    @staticmethod
+    def _send_bucket(block: torch.Tensor, recv: torch.Tensor, bucket: _Bucket, group) -> list[dist.Work]:
+        """Start the all-to-all of one bucket: one per micro-gradient, straight from ``block``."""
+        k, n, rank = block.shape[0], dist.get_world_size(group), dist.get_rank(group)
+        shard, own = _received(recv, bucket, k, n, rank), bucket.sizes[rank]
+        splits = {} if bucket.even else {"output_split_sizes": [own] * n, "input_split_sizes": list(bucket.sizes)}
+        columns = slice(bucket.start, bucket.stop)
+        return [
+            dist.all_to_all_single(shard[j].view(-1), block[j, columns], group=group, async_op=True, **splits)
+            for j in range(k)
+        ]
+
+    # -- buffers --------------------------------------------------------------------------------
+
+    def _layout(self, n: int, rank: int, p: int) -> list[_Bucket]:
+        key = (n, rank, p, self.bucket_size)
+        if key != self._layout_key:
+            self._buckets = _split_columns(p, n, rank, self.bucket_size)
+            self._layout_key = key
+        return self._buckets
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``shape`` and ``like``'s dtype and device, reused across calls."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            self._buffers.pop(name, None)  # free the old one first
+            buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buffer
+        return buffer
+
+    def _destination(self, out: torch.Tensor | None, p: int, like: torch.Tensor) -> torch.Tensor:
+        return out if out is not None else self._buffer("gradient", (p,), like)
+
+
+def gaf_all_reduce(
+    local_grads: torch.Tensor | Sequence[torch.Tensor],
+    threshold: float,
+    *,
+    rule: str = "sequential",
+    exchange: str = "sharded",
+    group: dist.ProcessGroup | None = None,
+    out: torch.Tensor | None = None,
+) -> GAFResult:
+    """Gradient Agreement Filtering of the micro-gradients of all ranks: GAF's ``all_reduce``.
+
+    Args:
+        local_grads: this rank's ``[K, P]`` micro-gradients (``K >= 1``, any floating dtype), or a
+            sequence of ``K`` tensors of ``P`` elements. Every rank passes the same ``K``, ``P`` and
+            dtype; together they are micro-gradients ``rank * K + k``.
+        threshold: cosine-distance threshold in [0, 2] (2: plain averaging of the finite,
+            non-zero micro-gradients).
+        rule: ``"sequential"`` (the paper's Algorithm 1) or ``"best_start"`` (order-robust).
+        exchange: ``"sharded"`` (default, all-reduce bandwidth) or ``"all_gather"`` (naive).
+        group: process group; ``None`` is the default group. Without an initialised process
+            group (or with one process) the local micro-gradients are filtered alone.
+        out: optional contiguous ``[P]`` tensor of the input's dtype and device that receives the
+            gradient; it must not overlap ``local_grads``. Without it, a new tensor is returned.
+
+    Returns:
+        The :class:`~hf_gaf.rule.GAFResult` of
+        ``filter_microgradients(all M micro-gradients, threshold, rule=rule)``, bit-identical on
+        every rank: the same decision (``accepted``, ``weights``, ``skipped``, ``start``) and the
+        same bits of ``gradient`` (``[P]``, input dtype, ``None`` when skipped). The sharded
+        exchange adds the Gram matrix's float32 chunk products in another order, so its
+        ``distances`` agree to about 1e-6 and a distance that close to the threshold could
+        decide the other way; ``"all_gather"`` reproduces them exactly.
+
+    Raises:
+        ValueError or TypeError on every rank (never a hang) for a threshold outside [0, 2], an
+        unknown rule or exchange, or ``K``, ``P``, dtype, threshold, rule or exchange differing
+        across ranks.
+
+    A training loop should keep a :class:`GAFExchange` (or pass ``out``), so that no buffer is
+    allocated per step.
+    """
+    try:
+        state = _default_state(group, exchange)
+    except ValueError:
+        if _is_distributed(group):
+            _validate_across_ranks(local_grads, threshold, rule, exchange, out, group)
+        raise
+    if out is None and _is_distributed(group):
+        result = state(local_grads, threshold, rule)
+        if result.gradient is not None:
+            result.gradient = result.gradient.clone()
+        return result
+    return state(local_grads, threshold, rule, out=out)
+
+
+_DEFAULT_STATES: dict[tuple[object, str], GAFExchange] = {}
+
+
+def _default_state(group: dist.ProcessGroup | None, exchange: str) -> GAFExchange:
+    _check_exchange(exchange)
+    key = (group, exchange)
+    if key not in _DEFAULT_STATES:
+        _DEFAULT_STATES[key] = GAFExchange(group=group, exchange=exchange)
+    return _DEFAULT_STATES[key]
+
+
+# -- argument checks ------------------------------------------------------------------------------
+
+
+def _check_exchange(exchange: str) -> str:
+    if exchange not in EXCHANGES:
+        raise ValueError(f"Unknown GAF exchange {exchange!r}; choose one of {', '.join(map(repr, EXCHANGES))}.")
+    return exchange
+
+
+def _is_distributed(group: dist.ProcessGroup | None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _local_block(local_grads: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(local_grads, torch.Tensor) and local_grads.dim() == 1:
+        raise ValueError(
+            f"Expected this rank's micro-gradients as a [K, P] tensor, got shape {tuple(local_grads.shape)}; "
+            "for a single micro-gradient pass grad.unsqueeze(0)."
+        )
+    block = stack_microgradients(local_grads)
+    if block.dtype not in _DTYPES:
+        raise TypeError(f"Micro-gradients must be one of {', '.join(map(str, _DTYPES))}, got {block.dtype}.")
+    if out is not None:
+        if out.shape != (block.shape[1],) or out.dtype != block.dtype or out.device != block.device:
+            raise ValueError(
+                f"out must be a [{block.shape[1]}] {block.dtype} tensor on {block.device} like the micro-gradients, "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}."
+            )
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous; pass a contiguous tensor or omit out.")
+    return block.contiguous()
+
+
+def _filter_locally(
+    local_grads: torch.Tensor | Sequence[torch.Tensor], threshold: float, rule: str, out: torch.Tensor | None
+) -> GAFResult:
+    check_threshold(threshold)
+    check_rule(rule)
+    block = _local_block(local_grads, out)
+    result = filter_microgradients(block, threshold, rule=rule)
+    if out is not None and result.gradient is not None:
+        result.gradient = out.copy_(result.gradient)
+    return result
+
+
+# Fields of the per-rank record compared across ranks before the exchange.
+_ERROR, _K, _P, _DTYPE, _RULE, _EXCHANGE, _THRESHOLD = range(7)
+_ERRORS = {
+    1: "threshold outside [0, 2]",
+    2: "unknown rule",
+    3: "unknown exchange",
+    4: "invalid micro-gradients or out",
+}
+
+
+def _validate_across_ranks(
+    local_grads: torch.Tensor | Sequence[torch.Tensor],
+    threshold: float,
+    rule: str,
+    exchange: str,
+    out: torch.Tensor | None,
+    group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, float]:
+    """Check the arguments here and against every other rank; raise on every rank if any is wrong.
+
+    One all-gather of seven numbers per rank, before any large transfer, so that no rank enters
+    the exchange while another has raised. Returns the contiguous ``[K, P]`` block and the threshold.
+    """
+    error: Exception | None = None
+    block = None
+    record = torch.zeros(7, dtype=torch.float64)
+    try:
+        record[_THRESHOLD] = float(threshold)
+    except (TypeError, ValueError):
+        record[_THRESHOLD] = math.nan
+    record[_RULE] = RULES.index(rule) if rule in RULES else -1
+    record[_EXCHANGE] = EXCHANGES.index(exchange) if exchange in EXCHANGES else -1
+    checks = ((1, check_threshold, threshold), (2, check_rule, rule), (3, _check_exchange, exchange))
+    for code, check, argument in checks:
+        try:
+            check(argument)
+        except (TypeError, ValueError) as caught:
+            error, record[_ERROR] = caught, code
+            break
+    try:
+        block = _local_block(local_grads, out)
+        record[_K], record[_P], record[_DTYPE] = block.shape[0], block.shape[1], _DTYPES.index(block.dtype)
+    except (TypeError, ValueError) as caught:
+        if error is None:
+            error, record[_ERROR] = caught, 4
+    device = _collective_device(block, group)
+    records = record.new_empty(dist.get_world_size(group) * 7, device=device)
+    _all_gather_single(records, record.to(device), group=group)
+    records = records.view(-1, 7).cpu()
+
+    if error is not None:
+        raise error
+    failed = torch.nonzero(records[:, _ERROR]).flatten().tolist()
+    if failed:
+        what = "; ".join(f"rank {r}: {_ERRORS[int(records[r, _ERROR])]}" for r in failed)
+        raise ValueError(
+            f"GAF exchange aborted because of bad arguments on another rank ({what}); see that rank's error."
+        )
+    _require_same(
+        records,
+        _K,
+        "micro-gradients per rank K",
+        "pass the same number of micro-gradients (gradient accumulation steps) on every rank",
+    )
+    _require_same(
+        records,
+        _P,
+        "elements per micro-gradient P",
+        "every rank must flatten the same parameters (same model, same requires_grad)",
+    )
+    _require_same(records, _DTYPE, "dtype", "cast the micro-gradients to one dtype on every rank", _DTYPES)
+    _require_same(records, _RULE, "rule", "pass the same rule on every rank", RULES)
+    _require_same(records, _EXCHANGE, "exchange", "pass the same exchange on every rank", EXCHANGES)
+    _require_same(records, _THRESHOLD, "threshold", "pass the same threshold on every rank")
+    return block, float(threshold)
+
+
+def _require_same(records: torch.Tensor, field: int, what: str, fix: str, names: Sequence | None = None) -> None:
+    values = records[:, field]
+    if bool((values != values[0]).any()):
+        shown = [str(names[int(v)]) if names else (int(v) if field in (_K, _P) else v) for v in values.tolist()]
+        raise ValueError(f"GAF micro-gradients disagree across ranks: {what} is {shown} by rank; {fix}.")
+
+
+def _collective_device(block: torch.Tensor | None, group: dist.ProcessGroup | None) -> torch.device:
+    if block is not None:
+        return block.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _split_columns(p: int, n: int, rank: int, bucket_size: int) -> list[_Bucket]:
+    """Cut ``P`` columns into buckets and each bucket into ``N`` shards of whole Gram chunks.
+
+    Shards are made of whole :data:`~hf_gaf.rule.GRAM_CHUNK` column chunks at the same positions
+    as in :func:`~hf_gaf.rule.gram_matrix` over all ``P`` columns, so the float32 chunk products
+    are those of :func:`~hf_gaf.rule.filter_microgradients` (up to BLAS rounding that may depend
+    on memory alignment) and mostly the order of the float64 additions differs. Full buckets are
+    ``N`` equal shards; in the last one, the last ranks may get fewer columns (or none).
+    """
+    chunks_per_shard = max(1, -(-bucket_size // (n * GRAM_CHUNK)))
+    width = n * chunks_per_shard * GRAM_CHUNK
+    buckets, offset = [], 0
+    for start in range(0, p, width):
+        stop = min(start + width, p)
+        per_rank = -(-(stop - start) // (n * GRAM_CHUNK)) * GRAM_CHUNK
+        sizes = tuple(max(0, min(per_rank, stop - start - r * per_rank)) for r in range(n))
+        buckets.append(_Bucket(start, stop, sizes, offset))
+        offset += n * sizes[rank]
+    return buckets
+
+
+def _received(recv: torch.Tensor, bucket: _Bucket, k: int, n: int, rank: int) -> torch.Tensor:
+    """The ``[K, N, own]`` block of ``bucket`` in the receive buffer."""
+    own = bucket.sizes[rank]
+    return recv[k * bucket.offset : k * (bucket.offset + n * own)].view(k, n, own)
+
+
+def _storage_rows(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """Storage row (``k * N + r``) of each micro-gradient in canonical order (``r * K + k``)."""
+    return torch.arange(n * k, device=device).view(k, n).T.reshape(-1)
+
+
+def _indices(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask.cpu()).flatten()
+
+
+def _shards_of(gradient: torch.Tensor, bucket: _Bucket) -> list[torch.Tensor]:
+    return list(gradient[bucket.start : bucket.stop].split(bucket.sizes))
+
+
+def _share_shards(gradient: torch.Tensor, bucket: _Bucket, rank: int, group) -> list[dist.Work]:
+    """Start giving every rank the averaged shards of ``bucket``, in place in ``gradient``.
+
+    NCCL: one in-place all-gather. Gloo (measured on CPU): one broadcast per owning rank beats
+    both its all-gather (slower than its all-reduce of the whole bucket) and an all-to-all of the
+    shard replicated N times, and needs no staging copy.
+    """
+    shards = _shards_of(gradient, bucket)
+    if dist.get_backend(group) == "nccl" and bucket.even:
+        whole = gradient[bucket.start : bucket.stop]
+        return [_all_gather_single(whole, shards[rank], group=group, async_op=True)]
+    return [
+        dist.broadcast(shard, src=_global_rank(group, owner), group=group, async_op=True)
+        for owner, shard in enumerate(shards)
+        if shard.numel()
+    ]
+
+
+def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def _mean_of_rows(rows: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Write ``sum(rows) / len(rows)`` into ``out``, reading only ``rows``.
+
+    The same arithmetic as :func:`hf_gaf.rule.accepted_mean` (first row copied, the others added
+    in canonical order in float32 at least, then divided), so the result is bit-identical to
+    :func:`~hf_gaf.rule.filter_microgradients`; but it takes rows from any storage layout and
+    writes straight into ``out``, in one pass per row when no wider accumulator is needed.
+    """
+    acc_dtype = torch.promote_types(out.dtype, torch.float32)
+    if acc_dtype == out.dtype and len(rows) > 1:
+        acc, rest = torch.add(rows[0], rows[1], out=out), rows[2:]
+    else:
+        acc = out if acc_dtype == out.dtype else torch.empty_like(out, dtype=acc_dtype)
+        acc, rest = acc.copy_(rows[0]), rows[1:]
+    for row in rest:
+        acc.add_(row)
+    acc.div_(len(rows))
+    if acc is not out:
+        out.copy_(acc)
+    return out

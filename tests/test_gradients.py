@@ -1,0 +1,111 @@
+import pytest
+import torch
+from torch import nn
+
+from hf_gaf.gradients import GradientBuffer
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(dtype)
+
+
+def _backward(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 3, generator=g).to(next(model.parameters()).dtype)
+    model(x).square().sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_capture_flattens_in_parameter_order_and_clears_grad():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=2)
+    assert buffer.numel == sum(p.numel() for p in model.parameters())
+    grads = _backward(model, seed=1)
+    row = buffer.capture(1)
+    assert torch.equal(row, torch.cat([g.reshape(-1) for g in grads]))
+    assert all(p.grad is None for p in model.parameters())
+    second = _backward(model, seed=2)  # starts from zero, not from the captured gradient
+    buffer.capture(0)
+    assert torch.equal(buffer.buffer[0], torch.cat([g.reshape(-1) for g in second]))
+
+
+def test_parameters_without_grad_are_captured_as_zeros():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=1)
+    buffer.buffer.fill_(7.0)
+    _backward(model, seed=1)
+    model[2].bias.grad = None
+    row = buffer.capture(0)
+    start = buffer.offsets[3]
+    assert torch.equal(row[start:], torch.zeros(2))
+    assert bool((row[:start] != 7.0).all())
+
+
+def test_frozen_parameters_are_left_out():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    buffer = GradientBuffer(model.parameters(), num_micro=1)
+    assert buffer.numel == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert all(p is not model[0].weight for p in buffer.params)
+
+
+def test_write_back_round_trips_and_scales():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=1)
+    grads = _backward(model, seed=3)
+    row = buffer.capture(0)
+    buffer.write_back(row.clone())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    buffer.write_back(row.clone(), scale=3.0)
+    assert all(torch.allclose(p.grad, 3 * g) for p, g in zip(model.parameters(), grads))
+
+
+def test_write_back_allocates_missing_grad_in_each_parameter_dtype():
+    model = _model()
+    model[2].to(torch.bfloat16)
+    buffer = GradientBuffer(model.parameters(), num_micro=2)
+    assert buffer.buffer.dtype == torch.float32  # promoted from float32 and bfloat16
+    flat = torch.linspace(-1, 1, buffer.numel, dtype=torch.float64)
+    buffer.write_back(flat, scale=2.0)
+    for p, start in zip(buffer.params, buffer.offsets):
+        assert p.grad is not None and p.grad.dtype == p.dtype and p.grad.device == p.device
+        assert p.grad.shape == p.shape
+        expected = (2 * flat[start : start + p.numel()]).view(p.shape).to(p.dtype)
+        assert torch.equal(p.grad, expected)
+
+
+def test_write_back_reuses_one_gradient_storage():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=1)
+    buffer.write_back(torch.ones(buffer.numel), scale=2.0)
+    pointers = [p.grad.data_ptr() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    storage = buffer.grad_storage
+    storage.fill_(5.0)  # an exchange writing its result straight into the storage (out=)
+    buffer.write_back(storage, scale=0.5)
+    assert [p.grad.data_ptr() for p in model.parameters()] == pointers
+    assert all(bool((p.grad == 2.5).all()) for p in model.parameters())
+
+
+def test_buffer_keeps_a_uniform_parameter_dtype():
+    model = _model(torch.bfloat16)
+    buffer = GradientBuffer(model.parameters(), num_micro=2)
+    assert buffer.buffer.dtype == torch.bfloat16
+    grads = _backward(model, seed=4)
+    assert torch.equal(buffer.capture(0), torch.cat([g.reshape(-1) for g in grads]))
+
+
+def test_bad_input_raises_clear_errors():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=2)
+    with pytest.raises(IndexError, match="out of range"):
+        buffer.capture(2)
+    with pytest.raises(ValueError, match="flat gradient"):
+        buffer.write_back(torch.zeros(buffer.numel + 1))
+    with pytest.raises(ValueError, match="num_micro"):
+        GradientBuffer(model.parameters(), num_micro=0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        GradientBuffer(model.parameters(), num_micro=1)
