@@ -46,6 +46,22 @@ def test_cycling_yields_max_ceil_balanced_batches_covering_every_row(samples_per
     assert {index for batch in batches for index in batch} == set(range(len(LABELS)))
 
 
+@pytest.mark.parametrize(("drop_last", "expected"), [(True, 4), (False, 12)])
+def test_epochs_hold_whole_optimizer_steps(drop_last, expected):
+    # 5 (drop_last) or 12 (cycling) batches, in steps of 4: 1 or 3 whole steps.
+    sampler = ClassBalancedBatchSampler(LABELS, 1, drop_last=drop_last, batches_per_step=4)
+
+    batches = batches_of(sampler)
+
+    assert len(sampler) == len(batches) == expected
+    assert_balanced(batches, 1)
+
+
+def test_too_few_batches_for_one_optimizer_step_is_refused():
+    with pytest.raises(ValueError, match="batches_per_step=6 .* only 5"):
+        ClassBalancedBatchSampler(LABELS, 1, batches_per_step=6)
+
+
 def test_same_seed_and_epoch_give_the_same_batches():
     first = ClassBalancedBatchSampler(LABELS, 1, seed=7)
     second = ClassBalancedBatchSampler(LABELS, 1, seed=7)

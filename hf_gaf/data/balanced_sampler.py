@@ -42,6 +42,9 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     (``split_batches=False``, its default), and every batch is balanced, so every micro-batch of
     every process and every accumulation step is balanced. With ``split_batches=True`` a batch
     would be cut into pieces that are not balanced; do not use it with this sampler.
+    `batches_per_step` (processes x accumulation steps) rounds the epoch's batch count to a
+    multiple of it (down with ``drop_last``, up otherwise), so that no optimizer step gets a
+    partial macrobatch: GAF needs every step's micro-gradients, and a lone one is always skipped.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         num_classes: int | None = None,
         seed: int = 0,
         drop_last: bool = True,
+        batches_per_step: int = 1,
     ) -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
@@ -86,7 +90,17 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         order = np.argsort(labels, kind="stable")
         self._class_indices = np.split(order, np.cumsum(counts)[:-1])
         per_class_batches = counts // self.samples_per_class if drop_last else -(-counts // self.samples_per_class)
-        self._num_batches = int(per_class_batches.min() if drop_last else per_class_batches.max())
+        if int(batches_per_step) != batches_per_step or batches_per_step < 1:
+            raise ValueError(f"batches_per_step must be a positive integer, got {batches_per_step!r}.")
+        num_batches = int(per_class_batches.min() if drop_last else per_class_batches.max())
+        steps = num_batches // batches_per_step if drop_last else -(-num_batches // batches_per_step)
+        if steps == 0:
+            raise ValueError(
+                f"One optimizer step needs batches_per_step={batches_per_step} balanced batches, but the "
+                f"smallest class fills only {num_batches}. Lower samples_per_class, the number of processes "
+                f"or gradient_accumulation_steps, or pass drop_last=False to cycle the smaller classes."
+            )
+        self._num_batches = steps * batches_per_step
 
     @classmethod
     def from_dataset(
@@ -97,6 +111,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         label_column: str = "label",
         seed: int = 0,
         drop_last: bool = True,
+        batches_per_step: int = 1,
     ) -> ClassBalancedBatchSampler:
         """Build the sampler from a ClassLabel column of `dataset` (ignoring any transform set on it).
 
@@ -110,7 +125,14 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 f"columns: {dataset.column_names}). Pass label_column=<the training label column>."
             )
         labels = column_as_numpy(dataset, label_column)
-        return cls(labels, samples_per_class, num_classes=feature.num_classes, seed=seed, drop_last=drop_last)
+        return cls(
+            labels,
+            samples_per_class,
+            num_classes=feature.num_classes,
+            seed=seed,
+            drop_last=drop_last,
+            batches_per_step=batches_per_step,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches the next iteration yields."""
