@@ -252,7 +252,13 @@ class GAFTrainer(Trainer):
                 f"{num_classes * max(1, batch_size // num_classes)}."
             )
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        sampler = ClassBalancedBatchSampler(labels, batch_size // num_classes, num_classes=num_classes, seed=seed)
+        sampler = ClassBalancedBatchSampler(
+            labels,
+            batch_size // num_classes,
+            num_classes=num_classes,
+            seed=seed,
+            batches_per_step=self.accelerator.num_processes * self.args.gradient_accumulation_steps,
+        )
         dataset, collator = self.train_dataset, self.data_collator
         if isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description="training")
