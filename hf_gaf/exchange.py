@@ -65,6 +65,7 @@ from .rule import (
     decide,
     filter_microgradients,
     gram_matrix,
+    mean_of_rows,
     stack_microgradients,
 )
 
@@ -167,7 +168,7 @@ class GAFExchange:
         gradient = None
         if not decision.skipped:
             gradient = self._destination(out, p, block)
-            _mean_of_rows([gathered[i] for i in _indices(decision.accepted)], gradient)
+            mean_of_rows([gathered[i] for i in _indices(decision.accepted)], gradient)
         return GAFResult(gradient=gradient, **vars(decision))
 
     def _sharded(self, block: torch.Tensor, tau: float, rule: str, out: torch.Tensor | None) -> GAFResult:
@@ -209,7 +210,7 @@ class GAFExchange:
         pending = []
         for bucket in buckets:
             shard = _received(recv, bucket, k, n, rank).view(m, -1)
-            _mean_of_rows([shard[i] for i in rows], _shards_of(gradient, bucket)[rank])
+            mean_of_rows([shard[i] for i in rows], _shards_of(gradient, bucket)[rank])
             pending += _share_shards(gradient, bucket, rank, group)
         for work in pending:
             work.wait()
@@ -354,10 +355,7 @@ def _filter_locally(
     check_threshold(threshold)
     check_rule(rule)
     block = _local_block(local_grads, out)
-    result = filter_microgradients(block, threshold, rule=rule)
-    if out is not None and result.gradient is not None:
-        result.gradient = out.copy_(result.gradient)
-    return result
+    return filter_microgradients(block, threshold, rule=rule, out=out)
 
 
 # Fields of the per-rank record compared across ranks before the exchange.
@@ -515,25 +513,3 @@ def _share_shards(gradient: torch.Tensor, bucket: _Bucket, rank: int, group) -> 
 
 def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
-
-def _mean_of_rows(rows: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """Write ``sum(rows) / len(rows)`` into ``out``, reading only ``rows``.
-
-    The same arithmetic as :func:`hf_gaf.rule.accepted_mean` (first row copied, the others added
-    in canonical order in float32 at least, then divided), so the result is bit-identical to
-    :func:`~hf_gaf.rule.filter_microgradients`; but it takes rows from any storage layout and
-    writes straight into ``out``, in one pass per row when no wider accumulator is needed.
-    """
-    acc_dtype = torch.promote_types(out.dtype, torch.float32)
-    if acc_dtype == out.dtype and len(rows) > 1:
-        acc, rest = torch.add(rows[0], rows[1], out=out), rows[2:]
-    else:
-        acc = out if acc_dtype == out.dtype else torch.empty_like(out, dtype=acc_dtype)
-        acc, rest = acc.copy_(rows[0]), rows[1:]
-    for row in rest:
-        acc.add_(row)
-    acc.div_(len(rows))
-    if acc is not out:
-        out.copy_(acc)
-    return out

@@ -33,6 +33,7 @@ __all__ = [
     "decide",
     "filter_microgradients",
     "gram_matrix",
+    "mean_of_rows",
     "stack_microgradients",
 ]
 
@@ -215,27 +216,48 @@ def _run_rule(
     return accepted, distances
 
 
+def mean_of_rows(rows: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``sum(rows) / len(rows)``, reading only ``rows``; written into ``out`` if given.
+
+    The first row is copied and the others added in order, in float32 at least, then divided:
+    one fixed arithmetic, so every caller (single process or any exchange) gets the same bits.
+    Writes straight into ``out`` (one pass per row) when no wider accumulator is needed.
+    """
+    if not rows:
+        raise ValueError("mean_of_rows needs at least one row.")
+    if out is None:
+        out = torch.empty_like(rows[0])
+    acc_dtype = torch.promote_types(out.dtype, torch.float32)
+    if acc_dtype == out.dtype and len(rows) > 1:
+        acc, rest = torch.add(rows[0], rows[1], out=out), rows[2:]
+    else:
+        acc = out if acc_dtype == out.dtype else torch.empty_like(out, dtype=acc_dtype)
+        acc, rest = acc.copy_(rows[0]), rows[1:]
+    for row in rest:
+        acc.add_(row)
+    acc.div_(len(rows))
+    if acc is not out:
+        out.copy_(acc)
+    return out
+
+
 def accepted_mean(block: torch.Tensor, accepted: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Return ``S / c``: the sum of the accepted rows of ``block`` divided by their count.
+    """Return ``S / c``: the mean of the accepted rows of ``block`` (see :func:`mean_of_rows`).
 
     Rejected rows are never read, so an excluded NaN micro-gradient cannot leak into the result.
-    Accumulates in float32 at least and returns the block's dtype (or writes into ``out``).
     """
     rows = torch.nonzero(accepted.cpu()).flatten().tolist()
     if not rows:
         raise ValueError("accepted_mean needs at least one accepted micro-gradient.")
-    acc_dtype = torch.promote_types(block.dtype, torch.float32)
-    acc = block[rows[0]].to(acc_dtype, copy=True)
-    for i in rows[1:]:
-        acc.add_(block[i])
-    acc.div_(len(rows))
-    if out is None:
-        return acc.to(block.dtype)
-    return out.copy_(acc)
+    return mean_of_rows([block[i] for i in rows], out)
 
 
 def filter_microgradients(
-    grads: torch.Tensor | Sequence[torch.Tensor], threshold: float, *, rule: str = "sequential"
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    threshold: float,
+    *,
+    rule: str = "sequential",
+    out: torch.Tensor | None = None,
 ) -> GAFResult:
     """Filter ``M`` micro-gradients by agreement and average the ones that agree.
 
@@ -245,6 +267,8 @@ def filter_microgradients(
         threshold: cosine-distance threshold ``tau`` in [0, 2]; 2 admits every finite, non-zero
             micro-gradient, i.e. plain averaging.
         rule: ``"sequential"`` (the paper's Algorithm 1) or ``"best_start"`` (order-robust).
+        out: optional ``[P]`` tensor to write the filtered gradient into (reused between steps
+            it saves an allocation of the model's size).
 
     Returns:
         A :class:`GAFResult`; ``gradient`` is ``[P]`` in the input dtype, or None if skipped.
@@ -253,5 +277,5 @@ def filter_microgradients(
     check_rule(rule)
     block = stack_microgradients(grads)
     decision = decide(gram_matrix(block), threshold, rule)
-    gradient = None if decision.skipped else accepted_mean(block, decision.accepted)
+    gradient = None if decision.skipped else accepted_mean(block, decision.accepted, out)
     return GAFResult(gradient=gradient, **vars(decision))
