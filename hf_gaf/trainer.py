@@ -101,6 +101,13 @@ class GAFTrainer(Trainer):
                 "`torchrun` (distributed types NO, MULTI_CPU, MULTI_GPU and the other MULTI_* backends)."
             )
         world_size = self.accelerator.num_processes
+        launched = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if launched != world_size:
+            raise ValueError(
+                f"{launched} processes were launched, but the Trainer trains on {world_size}: each process would train "
+                "its own model. On a machine without GPUs, transformers sets up data parallelism only with "
+                "use_cpu=True (--use_cpu); with GPUs, check that every process sees one."
+            )
         accumulation = self.args.gradient_accumulation_steps
         if world_size * accumulation < 2:
             raise ValueError(
