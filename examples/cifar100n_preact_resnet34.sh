@@ -4,6 +4,7 @@
 # LABELS: CIFAR-100_human.pt from the CIFAR-N release, a local path or hf://datasets/<repo>/<path>.
 # Paper hyper-parameters: SGD momentum 0.9, lr 0.01, weight decay 0.01, reduce-on-plateau.
 set -euo pipefail
+source "$(dirname "$0")/paper_hparams.sh"
 CONFIG=${CONFIG:-examples/accelerate/1gpu.yaml}
 LABELS=${LABELS:-../shared/data/CIFAR-100_human.pt}
 for threshold in 0.97 2; do
@@ -11,11 +12,6 @@ for threshold in 0.97 2; do
     --dataset uoft-cs/cifar100 --noisy_labels "$LABELS" \
     --model_name resnetv2_34 --image_size 32 \
     --gaf_threshold "$threshold" \
-    --per_device_train_batch_size 100 --class_balanced_batches --gradient_accumulation_steps 2 \
-    --optim sgd --optim_args "momentum=0.9" --learning_rate 0.01 --weight_decay 0.01 \
-    --lr_scheduler_type reduce_lr_on_plateau --lr_scheduler_kwargs '{"mode": "max", "factor": 0.1, "patience": 10}' \
-    --eval_strategy epoch --metric_for_best_model accuracy --greater_is_better true \
-    --num_train_epochs 200 --save_strategy epoch --save_total_limit 2 \
-    --bf16 --dataloader_num_workers 8 --report_to tensorboard --logging_steps 50 \
+    "${PAPER_ARGS[@]}" \
     --output_dir "outputs/cifar100n-preact-resnet34-tau${threshold}"
 done
