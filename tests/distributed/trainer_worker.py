@@ -129,6 +129,8 @@ def main() -> None:
             raise SystemExit(f"unknown scenario {scenario!r}")
         print(f"rank {rank}: {scenario} took {time.perf_counter() - started:.1f}s", file=sys.stderr)
     dump(f"{out}/rank{rank}.json", report)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
