@@ -67,7 +67,7 @@ def test_default_run_resists_label_noise(tmp_path):
     completed = run([sys.executable, "-m", "hf_gaf.train", "--output_dir", str(output_dir)], tmp_path, timeout=1200)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = final_results(output_dir)
-    assert results["gaf/steps"] == 1000 and results["train_noise_rate"] == pytest.approx(0.4, abs=1e-3)
+    assert results["gaf/steps"] == 2000 and results["train_noise_rate"] == pytest.approx(0.4, abs=1e-3)
     assert 0.05 < results["gaf/skipped_fraction"] < 0.95, "GAF should filter some steps, not all or none"
     assert results["test_accuracy"] > 0.7
     assert results["train_memorized"] < 0.2
