@@ -1,0 +1,398 @@
+"""Label-noise sweep: GAF (tau 0.97 and 1.0) against plain averaging (tau 2), like the paper's Figure 6.
+
+Every run is an independent `GAFTrainer.train()` on the embedded handwritten digits
+(`hf_gaf.data.load_digits_dataset`, 1,437 train / 360 test images, 8x8 grayscale, 10 classes)
+with symmetric label noise on the training split (`add_symmetric_label_noise`), micro-batches of
+one sample per class (`class_balanced_batches`, batch size 10) and two micro-batches per optimizer
+step (`gradient_accumulation_steps=2`, M = 2 as in the paper). For each noise rate and seed, every
+threshold sees the same noisy labels, the same initial weights, the same batches and the same number
+of optimizer steps (a step GAF skips still counts). Reported per (noise, tau), over seeds:
+
+- clean test accuracy (mean and standard deviation),
+- memorisation: the fraction of corrupted training rows the model predicts as their noisy label
+  (`hf_gaf.metrics.compute_memorization`, "memorized"),
+- the fraction of optimizer steps GAF skipped (no two micro-gradients agreed).
+
+Configuration (see docs/results.md for why): timm `resnet18` with `layers=(1, 1, 1, 1)` and
+`channels=(16, 32, 64, 128)` (a narrow ResNet-10, 0.32M parameters) on the native 8x8 images, one
+input channel, no augmentation, SGD momentum 0.9, constant learning rate, no weight decay,
+2,000 optimizer steps (40,000 samples, about 28 epochs).
+
+    python benchmarks/noise_sweep.py                 # 4 noise rates x 3 thresholds x 3 seeds = 36 runs
+    python benchmarks/noise_sweep.py --quick         # smoke test: 2 x 2 x 1 runs of 10 steps
+    python benchmarks/noise_sweep.py --seeds 0 1 2 3 4 --jobs 1
+
+Writes `benchmarks/results/noise_sweep.json` and `noise_sweep.png` (`noise_sweep_quick.*` with
+`--quick`, so a smoke test never overwrites the published numbers). At most `--jobs` (<= 2) runs
+train at once, each in its own process limited to `--threads` torch threads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MAX_JOBS = 2  # the benchmark machine has 2 shared cores
+
+
+@dataclass
+class SweepArguments:
+    """What to sweep and how each run trains (defaults: the published configuration)."""
+
+    noise_rates: list[float] = field(
+        default_factory=lambda: [0.0, 0.2, 0.4, 0.6],
+        metadata={"help": "Fractions of training labels flipped to another class (symmetric noise)."},
+    )
+    thresholds: list[float] = field(
+        default_factory=lambda: [0.97, 1.0, 2.0],
+        metadata={"help": "GAF cosine-distance thresholds tau; 2 is plain averaging (the baseline)."},
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2],
+        metadata={"help": "Seeds: each sets the label noise, the initial weights and the batch order."},
+    )
+    max_steps: int = field(default=2000, metadata={"help": "Optimizer steps per run (skipped GAF steps count)."})
+    learning_rate: float = field(default=0.05, metadata={"help": "SGD learning rate (constant)."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers LR scheduler."})
+    model_name: str = field(default="resnet18", metadata={"help": "timm architecture."})
+    model_kwargs: str = field(
+        default='{"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}',
+        metadata={"help": "JSON object of timm keyword arguments for the architecture."},
+    )
+    image_size: int = field(default=8, metadata={"help": "Input size (the digits are 8x8; larger upsamples)."})
+    augment: bool = field(
+        default=False,
+        metadata={"help": "Train with the library's augmentation (random padded crop + horizontal flip)."},
+    )
+    crop_padding: int = field(default=1, metadata={"help": "Padding of the random crop when --augment."})
+    test_size: float = field(default=0.2, metadata={"help": "Held-out fraction of the digits (stratified)."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split (fixed across runs)."})
+    threads: int = field(default=1, metadata={"help": "torch threads per run."})
+    jobs: int = field(default=2, metadata={"help": f"Runs training at once, at most {MAX_JOBS}."})
+    quick: bool = field(default=False, metadata={"help": "Smoke test: noise 0 and 0.4, tau 0.97 and 2, one seed, 10 steps."})
+    output_dir: str = field(default=str(RESULTS_DIR), metadata={"help": "Where the JSON and PNG go."})
+    tag: str = field(
+        default="",
+        metadata={"help": "Suffix of the output names (noise_sweep_<tag>.json), for extra sweeps beside the main one."},
+    )
+
+    def __post_init__(self):
+        if self.quick:
+            self.noise_rates, self.thresholds, self.seeds = [0.0, 0.4], [0.97, 2.0], [0]
+            self.max_steps = min(self.max_steps, 10)
+        if not 1 <= self.jobs <= MAX_JOBS:
+            raise ValueError(f"--jobs must be 1 or {MAX_JOBS} (the machine has {MAX_JOBS} shared cores), got {self.jobs}.")
+        if 2.0 not in self.thresholds:
+            raise ValueError("--thresholds must include 2 (plain averaging): every comparison is against it.")
+        json.loads(self.model_kwargs)
+
+    @property
+    def stem(self) -> str:
+        return "_".join(["noise_sweep", *(["quick"] if self.quick else []), *([self.tag] if self.tag else [])])
+
+
+def run_one(
+    config: dict[str, Any], noise_rate: float, threshold: float, seed: int, *, trace: bool = False
+) -> dict[str, Any]:
+    """Train one model with `GAFTrainer` and return its test accuracy, memorisation and GAF statistics.
+
+    With `trace`, the result also holds every step's cosine distances (`trace_distances`, one list
+    of M - 1 values per step, None where the rule made no comparison) and skip decisions, read
+    from `GAFTrainer.gaf_last_result` by a callback (used by `cosine_trace.py`).
+    """
+    import numpy as np
+    import torch
+    from transformers import PrinterCallback, TrainerCallback, set_seed
+    from transformers.utils import logging as hf_logging
+
+    from hf_gaf import GAFTrainer, GAFTrainingArguments
+    from hf_gaf.data import (
+        FLIPPED_COLUMN,
+        NOISY_LABEL_COLUMN,
+        add_symmetric_label_noise,
+        channel_mean_std,
+        collate_image_classification,
+        image_classification_transform,
+        load_digits_dataset,
+    )
+    from hf_gaf.metrics import accuracy_metrics, argmax_logits, compute_memorization
+    from hf_gaf.models import create_image_classifier
+
+    torch.set_num_threads(config["threads"])
+    hf_logging.set_verbosity_error()
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+
+    splits = load_digits_dataset(test_size=config["test_size"], seed=config["split_seed"])
+    train = splits["train"]
+    label_column = "label"
+    if noise_rate > 0:
+        train = add_symmetric_label_noise(train, noise_rate, seed=seed, label_column=label_column)
+        train_label_column = NOISY_LABEL_COLUMN
+    else:
+        train_label_column = label_column
+    mean, std = channel_mean_std(train, num_channels=1)
+    common = {"mean": mean, "std": std, "image_size": config["image_size"], "num_channels": 1}
+    train_set = train.with_transform(
+        image_classification_transform(
+            train=config["augment"], label_column=train_label_column, crop_padding=config["crop_padding"], **common
+        )
+    )
+    train_eval = train.with_transform(image_classification_transform(train=False, label_column=train_label_column, **common))
+    test_set = splits["test"].with_transform(image_classification_transform(train=False, label_column=label_column, **common))
+
+    set_seed(seed)
+    names = train.features[label_column].names
+    model = create_image_classifier(
+        config["model_name"], len(names), image_size=config["image_size"], in_chans=1, id2label=names,
+        **json.loads(config["model_kwargs"]),
+    )
+    with tempfile.TemporaryDirectory(prefix="noise_sweep_") as output_dir:
+        args = GAFTrainingArguments(
+            output_dir=output_dir,
+            gaf_threshold=threshold,
+            class_balanced_batches=True,
+            class_balanced_label_column=train_label_column,
+            per_device_train_batch_size=len(names),  # one sample per class
+            per_device_eval_batch_size=512,
+            gradient_accumulation_steps=2,  # M = 2 micro-gradients per step, as in the paper
+            max_steps=config["max_steps"],
+            learning_rate=config["learning_rate"],
+            optim="sgd",
+            optim_args=f"momentum={config['momentum']}",
+            weight_decay=config["weight_decay"],
+            lr_scheduler_type=config["lr_scheduler_type"],
+            seed=seed,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
+        trainer = GAFTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            data_collator=collate_image_classification,
+            compute_metrics=accuracy_metrics(),
+            preprocess_logits_for_metrics=argmax_logits,
+        )
+        tracer = None
+        if trace:
+
+            class Tracer(TrainerCallback):
+                def __init__(self):
+                    self.distances: list[list[float | None]] = []
+                    self.skipped: list[bool] = []
+
+                def on_step_end(self, args, state, control, **kwargs):
+                    result = trainer.gaf_last_result
+                    self.distances.append([None if math.isnan(d) else d for d in result.distances.tolist()])
+                    self.skipped.append(bool(result.skipped))
+
+            tracer = Tracer()
+            trainer.add_callback(tracer)
+        trainer.remove_callback(PrinterCallback)  # the sweep prints its own one-line summary per run
+        train_output = trainer.train()
+        test_accuracy = trainer.evaluate(test_set)["eval_accuracy"]
+        memorization: dict[str, float] = {}
+        if FLIPPED_COLUMN in train.column_names:
+            prediction = trainer.predict(train_eval)
+            memorization = compute_memorization(
+                prediction.predictions, prediction.label_ids, np.asarray(train[label_column]),
+                flipped=np.asarray(train[FLIPPED_COLUMN]),
+            )
+        stats = trainer.gaf_statistics
+    traced = {} if tracer is None else {"trace_distances": tracer.distances, "trace_skipped": tracer.skipped}
+    return {
+        "noise_rate": noise_rate,
+        "threshold": threshold,
+        "seed": seed,
+        "test_accuracy": test_accuracy,
+        "train_loss": train_output.training_loss,
+        "memorized": memorization.get("memorized", math.nan),
+        "corrupted_predicted_clean": memorization.get("correct", math.nan),
+        "uncorrupted_train_accuracy": memorization.get("uncorrupted_accuracy", math.nan),
+        "num_corrupted": int(memorization.get("num_corrupted", 0)),
+        "steps": stats.total_steps,
+        "skipped_steps": stats.total_skipped,
+        "skipped_fraction": stats.total_skipped / max(stats.total_steps, 1),
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+    } | traced
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict[str, Any]], noise_rates: list[float], thresholds: list[float]) -> list[dict[str, Any]]:
+    """One row per (noise, tau): means and standard deviations over seeds, and the gain over tau = 2."""
+    rows = []
+    for noise in noise_rates:
+        baseline = [r for r in runs if r["noise_rate"] == noise and r["threshold"] == 2.0]
+        base_acc = {r["seed"]: r["test_accuracy"] for r in baseline}
+        for tau in thresholds:
+            group = sorted((r for r in runs if r["noise_rate"] == noise and r["threshold"] == tau), key=lambda r: r["seed"])
+            acc, acc_std = _mean_std([r["test_accuracy"] for r in group])
+            mem, mem_std = _mean_std([r["memorized"] for r in group])
+            skip, _ = _mean_std([r["skipped_fraction"] for r in group])
+            gains = [r["test_accuracy"] - base_acc[r["seed"]] for r in group if r["seed"] in base_acc]
+            gain, gain_std = _mean_std(gains)
+            rows.append({
+                "noise_rate": noise, "threshold": tau, "seeds": [r["seed"] for r in group],
+                "test_accuracy_mean": acc, "test_accuracy_std": acc_std,
+                "test_accuracy_per_seed": [r["test_accuracy"] for r in group],
+                "gain_over_averaging_mean": gain, "gain_over_averaging_std": gain_std,
+                "memorized_mean": mem, "memorized_std": mem_std,
+                "skipped_fraction_mean": skip,
+            })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def pct(x: float) -> str:
+        return "   -  " if math.isnan(x) else f"{100 * x:5.1f}"
+
+    lines = [
+        "noise  tau   | test acc % (mean ± std) | vs avg (pts) | memorised % | skipped %",
+        "-------------+-------------------------+--------------+-------------+----------",
+    ]
+    for r in rows:
+        tau = "avg " if r["threshold"] == 2.0 else f"{r['threshold']:.2f}"
+        gain = "      " if r["threshold"] == 2.0 else f"{100 * r['gain_over_averaging_mean']:+5.1f}"
+        lines.append(
+            f" {100 * r['noise_rate']:3.0f}%  {tau}  |  {pct(r['test_accuracy_mean'])} ± {100 * r['test_accuracy_std']:4.1f}"
+            f"          |    {gain}    |    {pct(r['memorized_mean'])}    |  {pct(r['skipped_fraction_mean'])}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    thresholds = sorted({r["threshold"] for r in rows})
+    styles = {2.0: {"color": "tab:gray", "marker": "s", "linestyle": "--"}}
+    colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"])
+    for tau in thresholds:
+        group = [r for r in rows if r["threshold"] == tau]
+        x = [100 * r["noise_rate"] for r in group]
+        label = "averaging (tau = 2)" if tau == 2.0 else f"GAF tau = {tau:g}"
+        style = styles.get(tau) or {"color": next(colors), "marker": "o", "linestyle": "-"}
+        ax_acc.errorbar(x, [100 * r["test_accuracy_mean"] for r in group], yerr=[100 * r["test_accuracy_std"] for r in group],
+                        label=label, capsize=3, **style)
+        seed_runs = [r for r in runs if r["threshold"] == tau]
+        ax_acc.scatter([100 * r["noise_rate"] for r in seed_runs], [100 * r["test_accuracy"] for r in seed_runs],
+                       s=8, alpha=0.35, color=style["color"])
+        noisy = [r for r in group if not math.isnan(r["memorized_mean"])]
+        ax_mem.errorbar([100 * r["noise_rate"] for r in noisy], [100 * r["memorized_mean"] for r in noisy],
+                        yerr=[100 * r["memorized_std"] for r in noisy], label=label, capsize=3, **style)
+    ax_acc.set(xlabel="symmetric label noise (%)", ylabel="clean test accuracy (%)", title="Test accuracy vs label noise")
+    ax_mem.set(xlabel="symmetric label noise (%)", ylabel="corrupted training rows predicted as noisy label (%)",
+               title="Memorisation of corrupted labels")
+    for ax in (ax_acc, ax_mem):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN replaced by None, so the JSON file is standard JSON (null, not NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def machine() -> dict[str, Any]:
+    import timm
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__,
+        "load_average_at_end": list(os.getloadavg()),  # the machine is shared: context for the timings
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from transformers import HfArgumentParser
+
+    (sweep,) = HfArgumentParser(SweepArguments).parse_args_into_dataclasses(args=argv)
+    config = asdict(sweep)
+    grid = [(noise, tau, seed) for noise in sweep.noise_rates for seed in sweep.seeds for tau in sweep.thresholds]
+    print(f"noise sweep: {len(grid)} runs of {sweep.max_steps} steps, {sweep.jobs} at a time, {sweep.threads} thread(s) each",
+          flush=True)
+    started = time.perf_counter()
+    runs = []
+    with ProcessPoolExecutor(max_workers=sweep.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, config, noise, tau, seed) for noise, tau, seed in grid]
+        for future in futures:
+            run = future.result()
+            runs.append(run)
+            print(f"  noise {100 * run['noise_rate']:3.0f}%  tau {run['threshold']:<4g} seed {run['seed']}: "
+                  f"acc {100 * run['test_accuracy']:5.1f}%  memorised {100 * run['memorized']:5.1f}%  "
+                  f"skipped {100 * run['skipped_fraction']:5.1f}%  ({run['seconds']:.0f} s, {run['cpu_seconds']:.0f} s CPU)",
+                  flush=True)
+    wall = time.perf_counter() - started
+    rows = summarise(runs, sweep.noise_rates, sweep.thresholds)
+    print()
+    print(format_table(rows))
+    print(f"\n{len(runs)} runs in {wall / 60:.1f} min wall ({sum(r['cpu_seconds'] for r in runs) / 60:.1f} min CPU in the runs)")
+
+    command = "python benchmarks/noise_sweep.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    result = {
+        "benchmark": "noise_sweep", "command": command.strip(), "config": config, "machine": machine(),
+        "wall_seconds": wall, "summary": rows, "runs": runs,
+    }
+    out_dir = Path(sweep.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / f"{sweep.stem}.json", out_dir / f"{sweep.stem}.png"
+    json_path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
+    kwargs = json.loads(sweep.model_kwargs)
+    title = (f"digits (8x8, {len(sweep.seeds)} seeds), {sweep.model_name} {kwargs}, M = 2 x 10 (1/class), "
+             f"{sweep.max_steps} steps, SGD lr {sweep.learning_rate:g} mom {sweep.momentum:g} wd {sweep.weight_decay:g}")
+    plot(rows, runs, png_path, title)
+    print(f"wrote {json_path} and {png_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
