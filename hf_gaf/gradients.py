@@ -5,11 +5,18 @@ row of a preallocated buffer with a fixed layout (parameter order and offsets), 
 filters the rows, and the filtered ``[P]`` gradient is written back into ``.grad``. The buffer is
 allocated once and reused every step, so the page faults of a fresh multi-megabyte allocation are
 paid once, not per micro-batch.
+
+The copy is best made during the backward pass (:meth:`GradientBuffer.capturing`), as DDP fills
+its buckets: each gradient is moved into the row from a post-accumulate-grad hook while it is
+still in cache, and freed at once, so the next parameter's gradient reuses its memory. Measured
+on ResNet-18 (CPU), two passes captured that way are faster than two passes accumulated into
+``.grad`` by the plain loop, which fault in fresh gradient memory every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -33,8 +40,10 @@ class GradientBuffer:
 
     Contract: :meth:`capture` moves the current ``.grad`` of every parameter into a row and
     clears ``.grad`` (set to None, so the next backward starts from zero without a fill pass);
-    a parameter without ``.grad`` contributes zeros. :meth:`write_back` sets ``.grad`` from a
-    flat gradient, in each parameter's own dtype, as views of one reused ``[P]`` tensor.
+    a parameter without ``.grad`` contributes zeros. :meth:`capturing` does the same for the
+    backward passes run inside it, moving each gradient as soon as autograd has accumulated it.
+    :meth:`write_back` sets ``.grad`` from a flat gradient, in each parameter's own dtype, as
+    views of one reused ``[P]`` tensor.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], num_micro: int, dtype: torch.dtype | None = None):
@@ -63,10 +72,17 @@ class GradientBuffer:
         self.numel = total
         self.buffer = torch.zeros(num_micro, total, dtype=dtype, device=self.params[0].device)
         self._grad_storage: torch.Tensor | None = None
+        self._capture_row: list[torch.Tensor] | None = None  # per-parameter views while capturing
+        self._captured: list[bool] = []
 
     @property
     def num_micro(self) -> int:
         return self.buffer.shape[0]
+
+    def _row(self, k: int) -> torch.Tensor:
+        if not 0 <= k < self.num_micro:
+            raise IndexError(f"Micro-gradient index {k} is out of range for a buffer of {self.num_micro} rows.")
+        return self.buffer[k]
 
     def _slices(self, flat: torch.Tensor):
         for p, start in zip(self.params, self.offsets):
@@ -74,9 +90,7 @@ class GradientBuffer:
 
     def capture(self, k: int) -> torch.Tensor:
         """Move every parameter's ``.grad`` into row ``k`` (zeros where there is none); returns the row."""
-        if not 0 <= k < self.num_micro:
-            raise IndexError(f"Micro-gradient index {k} is out of range for a buffer of {self.num_micro} rows.")
-        row = self.buffer[k]
+        row = self._row(k)
         with torch.no_grad():
             for p, target in self._slices(row):
                 if p.grad is None:
@@ -85,6 +99,47 @@ class GradientBuffer:
                     target.copy_(p.grad)
                     p.grad = None
         return row
+
+    @contextmanager
+    def capturing(self, k: int) -> Iterator[torch.Tensor]:
+        """Move the gradients of the backward passes run inside the block into row ``k``.
+
+        Each parameter's gradient is moved into the row (and its ``.grad`` set to None) by a
+        post-accumulate-grad hook, the moment autograd has accumulated it; several backward
+        passes inside the block add up in the row, as they would in ``.grad``. On exit the row
+        holds what :meth:`capture` would have captured: gradients a hook did not see (a ``.grad``
+        set by hand) are moved in, parameters without any gradient get zeros. Yields the row.
+        """
+        row = self._row(k)
+        if self._capture_row is not None:
+            raise RuntimeError("GradientBuffer.capturing is already active; captures cannot be nested.")
+        self._capture_row = [target for _, target in self._slices(row)]
+        self._captured = [False] * len(self.params)
+        handles = [
+            p.register_post_accumulate_grad_hook(lambda p, i=i: self._move_grad(i, p))
+            for i, p in enumerate(self.params)
+        ]
+        try:
+            yield row
+        finally:
+            for handle in handles:
+                handle.remove()
+            with torch.no_grad():
+                for i, p in enumerate(self.params):
+                    if p.grad is not None:
+                        self._move_grad(i, p)
+                    elif not self._captured[i]:
+                        self._capture_row[i].zero_()
+            self._capture_row = None
+
+    def _move_grad(self, index: int, param: torch.Tensor) -> None:
+        target = self._capture_row[index]
+        if self._captured[index]:
+            target.add_(param.grad)
+        else:
+            target.copy_(param.grad)
+            self._captured[index] = True
+        param.grad = None
 
     @property
     def grad_storage(self) -> torch.Tensor:

@@ -4,7 +4,8 @@ A drop-in subclass: the Trainer's own loop, callbacks, logging, checkpointing an
 run unchanged, and four hooks change what happens to gradients:
 
 * `training_step` runs each forward/backward pass with DDP's gradient all-reduce disabled and
-  moves the resulting `.grad` into one row of a `[K, P]` buffer: one micro-gradient per pass.
+  moves each parameter's gradient into one row of a `[K, P]` buffer as the backward pass
+  produces it: one micro-gradient per pass.
 * At the last pass of an optimizer step (`accelerator.sync_gradients`), the micro-gradients of
   every process go through one `GAFExchange` call (the GAF all-reduce) and the filtered gradient
   is written into `.grad`, scaled as the plain Trainer's accumulated gradient would be. The
@@ -143,15 +144,14 @@ class GAFTrainer(Trainer):
         `num_items_in_batch`), so each captured gradient is what the plain Trainer would add to
         `.grad`. At the last pass of the step the GAF exchange runs and fills `.grad`.
         """
-        with self.accelerator.no_sync(model):
-            loss = super().training_step(model, inputs, num_items_in_batch)
         buffer = self._gradient_buffer()
         if self._gaf_micro >= buffer.num_micro:
             raise RuntimeError(
                 f"GAFTrainer captured more than gradient_accumulation_steps={buffer.num_micro} micro-gradients "
                 "for one optimizer step; call training_step only from the Trainer's training loop."
             )
-        buffer.capture(self._gaf_micro)
+        with self.accelerator.no_sync(model), buffer.capturing(self._gaf_micro):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self._gaf_micro += 1
         if self.accelerator.sync_gradients:
             self._apply_gaf(buffer)

@@ -10,10 +10,14 @@ def _model(dtype=torch.float32):
     return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(dtype)
 
 
-def _backward(model, seed):
+def _backward_only(model, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(5, 3, generator=g).to(next(model.parameters()).dtype)
     model(x).square().sum().backward()
+
+
+def _backward(model, seed):
+    _backward_only(model, seed)
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -109,3 +113,58 @@ def test_bad_input_raises_clear_errors():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         GradientBuffer(model.parameters(), num_micro=1)
+
+
+def test_capturing_moves_gradients_during_backward():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=2)
+    expected = _backward(model, seed=1)
+    model.zero_grad(set_to_none=True)
+    with buffer.capturing(1) as row:
+        _backward_only(model, seed=1)
+        assert all(p.grad is None for p in model.parameters())  # moved by the hooks, not at exit
+    assert row.data_ptr() == buffer.buffer[1].data_ptr()
+    assert torch.equal(buffer.buffer[1], torch.cat([g.reshape(-1) for g in expected]))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_capturing_adds_up_backward_passes_like_grad_accumulation():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=1)
+    _backward_only(model, seed=1)
+    _backward_only(model, seed=2)
+    accumulated = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    with buffer.capturing(0):
+        _backward_only(model, seed=1)
+        _backward_only(model, seed=2)
+    torch.testing.assert_close(buffer.buffer[0], accumulated, rtol=0, atol=0)
+
+
+def test_capturing_zeroes_parameters_without_gradient_and_keeps_grads_set_by_hand():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=1)
+    buffer.buffer.fill_(7.0)
+    model[0].weight.grad = torch.full_like(model[0].weight, 3.0)  # no backward reaches it
+    with buffer.capturing(0) as row:
+        model[2](torch.ones(1, 4)).sum().backward()
+    first_layer = model[0].weight.numel() + model[0].bias.numel()
+    assert torch.equal(row[: model[0].weight.numel()], torch.full((model[0].weight.numel(),), 3.0))
+    assert torch.equal(row[model[0].weight.numel() : first_layer], torch.zeros(model[0].bias.numel()))
+    assert bool((row[first_layer:] != 7.0).all())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_capturing_removes_its_hooks_even_after_an_error():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=1)
+    with pytest.raises(ZeroDivisionError), buffer.capturing(0):
+        _backward_only(model, seed=1)
+        1 / 0
+    grads = _backward(model, seed=2)  # outside the block, gradients stay in .grad
+    assert all(p.grad is not None for p in model.parameters())
+    with buffer.capturing(0):
+        pass
+    assert torch.equal(buffer.buffer[0], torch.cat([g.reshape(-1) for g in grads]))
+    with pytest.raises(RuntimeError, match="nested"), buffer.capturing(0), buffer.capturing(0):
+        pass
