@@ -10,18 +10,24 @@ gradient; the result is bit-identical on every rank.
 The rule only needs the ``M x M`` Gram matrix (see :mod:`hf_gaf.rule`), and a Gram matrix is a
 sum over columns. So the default ``"sharded"`` exchange never gathers the vectors:
 
-1. ``P`` is cut into column buckets of about ``bucket_size`` elements, each bucket into ``N``
-   contiguous shards of whole Gram chunks; rank ``s`` owns shard ``s`` of every bucket.
-2. ``all_to_all_single`` (one per bucket and micro-gradient, straight from the caller's buffer,
-   into a receive buffer kept between calls): rank ``s`` receives its shard of all ``M``
-   micro-gradients, an ``[M, P/N]`` block.
-3. Each rank computes the Gram matrix of its block (float32 products of column chunks,
-   accumulated in float64) and all ranks all-gather these ``N`` tiny partial matrices and add
-   them in rank order: every rank holds the same bits of ``G``.
+1. ``P`` is cut into ``N`` contiguous shards of whole Gram chunks; rank ``s`` owns shard ``s``.
+   Every shard is sent in buckets of about ``bucket_size`` columns, the unit of pipelining.
+2. Point-to-point sends, straight from the caller's buffer, of every micro-gradient's shard ``s``
+   to rank ``s``, into a receive buffer kept between calls: rank ``s`` gets its shard of all
+   ``M`` micro-gradients, an ``[M, P/N]`` block, and computes its Gram matrix bucket by bucket as
+   the buckets arrive (float32 products of column chunks, accumulated in float64).
+3. All ranks all-gather these ``N`` tiny partial matrices and add them in rank order: every rank
+   holds the same bits of ``G``.
 4. :func:`~hf_gaf.rule.decide` on ``G``: identical input, identical decision, no broadcast.
-5. Each rank averages the accepted rows of its block into its slice of the gradient (rejected
-   rows, possibly NaN, are never read), and every rank gets all the slices: one broadcast per
-   owner on gloo (measured faster than gloo's all-gather), one in-place all-gather on NCCL.
+5. Each rank averages the accepted rows of its block (rejected rows, possibly NaN, are never
+   read) into its slice of the gradient, bucket by bucket, and sends each averaged bucket to
+   every other rank as soon as it is ready.
+
+Steps 2 and 5 are an all-to-all and an all-gather written as batches of ``isend``/``irecv``
+(``batch_isend_irecv``, which NCCL groups into one launch), receives posted before sends. On
+gloo this is what makes the exchange cheap: in 1-4 MB messages it moves a shard up to twice as
+fast as gloo's ``all_to_all_single``, ``broadcast`` or ``all_gather``, which send each tensor as
+one message.
 
 Cost per rank, in elements (``M = N K``; a ring all-reduce for reference)::
 
@@ -31,16 +37,17 @@ Cost per rank, in elements (``M = N K``; a ring all-reduce for reference)::
     sharded        (K+1) P (N-1)/N          K P    (+ P result)
 
 At ``K = 1`` the sharded exchange moves exactly what a ring all-reduce moves. Its remaining
-costs are the Gram matrix and the mean over ``M`` rows of a ``P/N`` block, both memory-bound, and
-one collective of ``N M^2`` float64 values. The all-gather exchange is the naive baseline of the
+costs are the Gram matrix and the mean over ``M`` rows of a ``P/N`` block, both memory-bound and
+read once while the bucket is in cache, and one collective of ``N M^2`` float64 values. The all-gather exchange is the naive baseline of the
 published GAF code, kept for comparison and for tiny models; it computes the Gram matrix exactly
 as :func:`~hf_gaf.rule.filter_microgradients` does.
 
 State lives in one small object, :class:`GAFExchange` (like ``PowerSGDState`` for DDP comm
-hooks): the process group, the exchange, the bucket size and the buffers reused between calls
-(a freshly allocated receive buffer costs more in page faults than the transfer itself). A
-training loop keeps one and calls it once per optimizer step; :func:`gaf_all_reduce` is the
-functional form, backed by a cached default state per group and exchange.
+hooks): the process group, the exchange, the bucket size, the column layout and the buffers
+reused between calls (a freshly allocated receive buffer costs more in page faults than the
+transfer itself). A training loop keeps one and calls it once per optimizer step;
+:func:`gaf_all_reduce` is the functional form, backed by a cached default state per group and
+exchange.
 
 Argument errors (threshold, rule, exchange, ``K``, ``P`` or dtype differing across ranks) are
 detected with one collective of a few numbers before the large exchange and raised on every
@@ -73,9 +80,11 @@ __all__ = ["DEFAULT_BUCKET_SIZE", "EXCHANGES", "GAFExchange", "gaf_all_reduce"]
 
 EXCHANGES = ("sharded", "all_gather")
 
-# Columns per bucket (rounded up to N whole Gram chunks). It sets the exchange granularity and bounds
-# the temporaries; the gradient does not depend on it, the Gram matrix only through rounding.
-DEFAULT_BUCKET_SIZE = 1 << 22
+# Columns per message of the sharded exchange (rounded down to whole Gram chunks): small enough
+# that transfers, the Gram matrix and the mean pipeline, large enough that per-message costs
+# vanish. Results never depend on it. Measured on gloo (CPU): 4 MB float32 messages are as fast
+# as 1 MB ones at 11M columns and need a quarter of the messages.
+DEFAULT_BUCKET_SIZE = 1 << 20
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -84,17 +93,33 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 
 @dataclass(frozen=True)
-class _Bucket:
-    """Columns ``[start, stop)`` of every micro-gradient; rank ``r`` owns ``sizes[r]`` of them."""
+class _Layout:
+    """Who owns which columns, and the buckets they travel in.
 
-    start: int
-    stop: int
-    sizes: tuple[int, ...]
-    offset: int  # where this bucket's received block starts in the receive buffer
+    ``shards[r]`` is the ``slice`` of columns rank ``r`` owns (contiguous, whole Gram chunks,
+    possibly empty); ``buckets[r]`` cuts it into consecutive slices of at most ``bucket_size``
+    columns. Every rank computes the same layout from ``(P, N, bucket_size)``.
+    """
+
+    shards: tuple[slice, ...]
+    buckets: tuple[tuple[slice, ...], ...]
+
+    @classmethod
+    def build(cls, p: int, n: int, bucket_size: int) -> _Layout:
+        chunks = -(-p // GRAM_CHUNK)
+        bounds = [min(p, (r * chunks // n) * GRAM_CHUNK) for r in range(n)] + [p]
+        shards = tuple(slice(bounds[r], bounds[r + 1]) for r in range(n))
+        step = max(1, bucket_size // GRAM_CHUNK) * GRAM_CHUNK
+        buckets = tuple(
+            tuple(slice(start, min(start + step, shard.stop)) for start in range(shard.start, shard.stop, step))
+            for shard in shards
+        )
+        return cls(shards, buckets)
 
     @property
-    def even(self) -> bool:
-        return len(set(self.sizes)) == 1
+    def rounds(self) -> int:
+        """Message rounds per step: the most buckets any shard has."""
+        return max(len(b) for b in self.buckets)
 
 
 class GAFExchange:
@@ -111,7 +136,8 @@ class GAFExchange:
         group: process group (``None``: the default group). Without an initialised process group,
             or with a single process, the local micro-gradients are filtered alone.
         exchange: ``"sharded"`` (all-reduce bandwidth, the default) or ``"all_gather"`` (naive).
-        bucket_size: columns per bucket of the sharded exchange; bounds its temporaries.
+        bucket_size: columns per message of the sharded exchange (rounded down to whole Gram chunks of
+            :data:`~hf_gaf.rule.GRAM_CHUNK`), the unit of its pipeline; results never depend on it.
 
     Unless ``out`` is passed, ``result.gradient`` may be a buffer owned by this object, which its
     next call overwrites: copy it (or pass ``out``, e.g. the tensor behind ``.grad``) to keep it.
@@ -130,8 +156,7 @@ class GAFExchange:
         self.exchange = exchange
         self.bucket_size = int(bucket_size)
         self._buffers: dict[str, torch.Tensor] = {}
-        self._layout_key: tuple | None = None
-        self._buckets: list[_Bucket] = []
+        self._layouts: dict[tuple[int, int], _Layout] = {}
 
     @property
     def buffer_bytes(self) -> int:
@@ -176,21 +201,25 @@ class GAFExchange:
         n, rank = dist.get_world_size(group), dist.get_rank(group)
         k, p = block.shape
         m = n * k
-        buckets = self._layout(n, rank, p)
-        recv = self._buffer("recv", (k * sum(n * b.sizes[rank] for b in buckets),), block)
+        layout = self._layout(p, n)
+        own, own_buckets = layout.shards[rank], layout.buckets[rank]
+        recv = self._buffer("recv", (m, own.stop - own.start), block)  # row rank * K + k: canonical order
 
-        # Steps 2-3, pipelined: bucket b+1 is in flight while the Gram matrix of bucket b is computed.
-        # Received rows are stored micro-gradient-major ([K, N, shard]): row k * N + r.
+        # Step 2, pipelined: every round's messages are posted at once. As each bucket arrives, its
+        # Gram matrix is computed and, while its rows are in cache, the mean of all of them: the
+        # update whenever every micro-gradient is accepted (always, for M = 2, unless skipped).
+        rounds = [self._scatter_round(block, recv, layout, j) for j in range(layout.rounds)]
+        gradient = self._destination(out, p, block)
         gram = torch.zeros(m, m, dtype=torch.float64, device=block.device)
-        pending = self._send_bucket(block, recv, buckets[0], group) if buckets else []
-        for b, bucket in enumerate(buckets):
-            following = self._send_bucket(block, recv, buckets[b + 1], group) if b + 1 < len(buckets) else []
-            for work in pending:
-                work.wait()
-            gram_matrix(_received(recv, bucket, k, n, rank).view(m, -1), out=gram)
-            pending = following
-        canonical = _storage_rows(n, k, device=gram.device)  # canonical index -> storage row
-        gram = gram[canonical][:, canonical]
+        for j, works in enumerate(rounds):
+            if j < len(own_buckets):
+                columns = own_buckets[j]
+                rows = recv[:, _shift(columns, own.start)]
+                rows[rank * k : (rank + 1) * k].copy_(block[:, columns])
+            _wait(works)
+            if j < len(own_buckets):
+                gram_matrix(rows, out=gram)
+                mean_of_rows(list(rows), gradient[columns])
 
         # Step 3: sum the partial Gram matrices in rank order, identically on every rank.
         parts = gram.new_empty((n * m, m))
@@ -203,39 +232,55 @@ class GAFExchange:
         if decision.skipped:
             return GAFResult(gradient=None, **vars(decision))
 
-        # Step 5: average the accepted rows of each shard straight into its place in the gradient,
-        # and share it while the next bucket is averaged.
-        rows = canonical[_indices(decision.accepted)].tolist()
-        gradient = self._destination(out, p, block)
-        pending = []
-        for bucket in buckets:
-            shard = _received(recv, bucket, k, n, rank).view(m, -1)
-            mean_of_rows([shard[i] for i in rows], _shards_of(gradient, bucket)[rank])
-            pending += _share_shards(gradient, bucket, rank, group)
-        for work in pending:
-            work.wait()
+        # Step 5: unless every row was accepted, average the accepted rows of each bucket (rejected
+        # ones, possibly NaN, are not read); send each bucket on while the next one is averaged.
+        accepted = _indices(decision.accepted).tolist()
+        works = []
+        for j in range(layout.rounds):
+            if j < len(own_buckets) and len(accepted) < m:
+                rows = recv[:, _shift(own_buckets[j], own.start)]
+                mean_of_rows([rows[i] for i in accepted], gradient[own_buckets[j]])
+            works += self._gather_round(gradient, layout, j)
+        _wait(works)
         return GAFResult(gradient=gradient, **vars(decision))
 
-    @staticmethod
-    def _send_bucket(block: torch.Tensor, recv: torch.Tensor, bucket: _Bucket, group) -> list[dist.Work]:
-        """Start the all-to-all of one bucket: one per micro-gradient, straight from ``block``."""
-        k, n, rank = block.shape[0], dist.get_world_size(group), dist.get_rank(group)
-        shard, own = _received(recv, bucket, k, n, rank), bucket.sizes[rank]
-        splits = {} if bucket.even else {"output_split_sizes": [own] * n, "input_split_sizes": list(bucket.sizes)}
-        columns = slice(bucket.start, bucket.stop)
-        return [
-            dist.all_to_all_single(shard[j].view(-1), block[j, columns], group=group, async_op=True, **splits)
-            for j in range(k)
-        ]
+    def _scatter_round(self, block: torch.Tensor, recv: torch.Tensor, layout: _Layout, j: int) -> list[dist.Work]:
+        """Post round ``j`` of step 2: bucket ``j`` of shard ``s`` of every micro-gradient, to rank ``s``."""
+        rank, k = dist.get_rank(self.group), block.shape[0]
+        own = layout.shards[rank]
+        receives, sends = [], []
+        for peer in _peers(layout, rank):
+            if j < len(layout.buckets[rank]):
+                columns = _shift(layout.buckets[rank][j], own.start)
+                receives += [(recv[peer * k + i, columns], peer) for i in range(k)]
+            if j < len(layout.buckets[peer]):
+                sends += [(block[i, layout.buckets[peer][j]], peer) for i in range(k)]
+        return self._post(receives, sends, tag=j)
+
+    def _gather_round(self, gradient: torch.Tensor, layout: _Layout, j: int) -> list[dist.Work]:
+        """Post round ``j`` of step 5: this rank's averaged bucket ``j`` to every rank, theirs to it."""
+        rank = dist.get_rank(self.group)
+        receives, sends = [], []
+        for peer in _peers(layout, rank):
+            if j < len(layout.buckets[peer]):
+                receives.append((gradient[layout.buckets[peer][j]], peer))
+            if j < len(layout.buckets[rank]):
+                sends.append((gradient[layout.buckets[rank][j]], peer))
+        return self._post(receives, sends, tag=layout.rounds + j)  # tags distinct from step 2's
+
+    def _post(self, receives: list, sends: list, tag: int) -> list[dist.Work]:
+        """Start one batch of transfers, receives first: gloo then never holds a send for a receive."""
+        ops = [dist.P2POp(dist.irecv, t, _global_rank(self.group, peer), self.group, tag) for t, peer in receives]
+        ops += [dist.P2POp(dist.isend, t, _global_rank(self.group, peer), self.group, tag) for t, peer in sends]
+        return dist.batch_isend_irecv(ops) if ops else []
 
     # -- buffers --------------------------------------------------------------------------------
 
-    def _layout(self, n: int, rank: int, p: int) -> list[_Bucket]:
-        key = (n, rank, p, self.bucket_size)
-        if key != self._layout_key:
-            self._buckets = _split_columns(p, n, rank, self.bucket_size)
-            self._layout_key = key
-        return self._buckets
+    def _layout(self, p: int, n: int) -> _Layout:
+        key = (p, n)
+        if key not in self._layouts:
+            self._layouts = {key: _Layout.build(p, n, self.bucket_size)}
+        return self._layouts[key]
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A tensor of ``shape`` and ``like``'s dtype and device, reused across calls."""
@@ -273,14 +318,16 @@ def gaf_all_reduce(
             group (or with one process) the local micro-gradients are filtered alone.
         out: optional contiguous ``[P]`` tensor of the input's dtype and device that receives the
             gradient; it must not overlap ``local_grads``. Without it, a new tensor is returned.
+            Like an all-reduce buffer, ``out`` may be overwritten even when the step is skipped.
 
     Returns:
         The :class:`~hf_gaf.rule.GAFResult` of
         ``filter_microgradients(all M micro-gradients, threshold, rule=rule)``, bit-identical on
         every rank: the same decision (``accepted``, ``weights``, ``skipped``, ``start``) and the
         same bits of ``gradient`` (``[P]``, input dtype, ``None`` when skipped). The sharded
-        exchange adds the Gram matrix's float32 chunk products in another order, so its
-        ``distances`` agree to about 1e-6 and a distance that close to the threshold could
+        exchange computes the Gram matrix from the same float32 chunk products, but batched
+        differently (BLAS may round them differently) and added in another order, so its
+        ``distances`` agree to about 1e-8 and a distance that close to the threshold could
         decide the other way; ``"all_gather"`` reproduces them exactly.
 
     Raises:
@@ -453,62 +500,21 @@ def _collective_device(block: torch.Tensor | None, group: dist.ProcessGroup | No
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _split_columns(p: int, n: int, rank: int, bucket_size: int) -> list[_Bucket]:
-    """Cut ``P`` columns into buckets and each bucket into ``N`` shards of whole Gram chunks.
-
-    Shards are made of whole :data:`~hf_gaf.rule.GRAM_CHUNK` column chunks at the same positions
-    as in :func:`~hf_gaf.rule.gram_matrix` over all ``P`` columns, so the float32 chunk products
-    are those of :func:`~hf_gaf.rule.filter_microgradients` (up to BLAS rounding that may depend
-    on memory alignment) and mostly the order of the float64 additions differs. Full buckets are
-    ``N`` equal shards; in the last one, the last ranks may get fewer columns (or none).
-    """
-    chunks_per_shard = max(1, -(-bucket_size // (n * GRAM_CHUNK)))
-    width = n * chunks_per_shard * GRAM_CHUNK
-    buckets, offset = [], 0
-    for start in range(0, p, width):
-        stop = min(start + width, p)
-        per_rank = -(-(stop - start) // (n * GRAM_CHUNK)) * GRAM_CHUNK
-        sizes = tuple(max(0, min(per_rank, stop - start - r * per_rank)) for r in range(n))
-        buckets.append(_Bucket(start, stop, sizes, offset))
-        offset += n * sizes[rank]
-    return buckets
+def _shift(columns: slice, offset: int) -> slice:
+    return slice(columns.start - offset, columns.stop - offset)
 
 
-def _received(recv: torch.Tensor, bucket: _Bucket, k: int, n: int, rank: int) -> torch.Tensor:
-    """The ``[K, N, own]`` block of ``bucket`` in the receive buffer."""
-    own = bucket.sizes[rank]
-    return recv[k * bucket.offset : k * (bucket.offset + n * own)].view(k, n, own)
+def _peers(layout: _Layout, rank: int) -> list[int]:
+    return [peer for peer in range(len(layout.shards)) if peer != rank]
 
 
-def _storage_rows(n: int, k: int, device: torch.device) -> torch.Tensor:
-    """Storage row (``k * N + r``) of each micro-gradient in canonical order (``r * K + k``)."""
-    return torch.arange(n * k, device=device).view(k, n).T.reshape(-1)
+def _wait(works: Sequence[dist.Work]) -> None:
+    for work in works:
+        work.wait()
 
 
 def _indices(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask.cpu()).flatten()
-
-
-def _shards_of(gradient: torch.Tensor, bucket: _Bucket) -> list[torch.Tensor]:
-    return list(gradient[bucket.start : bucket.stop].split(bucket.sizes))
-
-
-def _share_shards(gradient: torch.Tensor, bucket: _Bucket, rank: int, group) -> list[dist.Work]:
-    """Start giving every rank the averaged shards of ``bucket``, in place in ``gradient``.
-
-    NCCL: one in-place all-gather. Gloo (measured on CPU): one broadcast per owning rank beats
-    both its all-gather (slower than its all-reduce of the whole bucket) and an all-to-all of the
-    shard replicated N times, and needs no staging copy.
-    """
-    shards = _shards_of(gradient, bucket)
-    if dist.get_backend(group) == "nccl" and bucket.even:
-        whole = gradient[bucket.start : bucket.stop]
-        return [_all_gather_single(whole, shards[rank], group=group, async_op=True)]
-    return [
-        dist.broadcast(shard, src=_global_rank(group, owner), group=group, async_op=True)
-        for owner, shard in enumerate(shards)
-        if shard.numel()
-    ]
 
 
 def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:

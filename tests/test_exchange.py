@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from hf_gaf import GAFExchange, filter_microgradients, gaf_all_reduce
-from hf_gaf.exchange import _split_columns
+from hf_gaf.exchange import _Layout
 from hf_gaf.rule import GRAM_CHUNK
 
 WORKER = Path(__file__).parent / "distributed" / "exchange_worker.py"
@@ -176,18 +176,19 @@ def test_bad_state_arguments_raise():
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-@pytest.mark.parametrize("p", [1, 2, 1000, GRAM_CHUNK * 5 + 7])
+@pytest.mark.parametrize("p", [1, 2, 1000, GRAM_CHUNK * 5 + 7, GRAM_CHUNK * 64])
 @pytest.mark.parametrize("bucket_size", [1, GRAM_CHUNK * 4, 1 << 30])
-def test_bucket_layout_covers_every_column_once(n, p, bucket_size):
-    layouts = [_split_columns(p, n, rank, bucket_size) for rank in range(n)]
-    assert [(b.start, b.stop, b.sizes) for b in layouts[0]] == [(b.start, b.stop, b.sizes) for b in layouts[-1]]
-    columns = []
-    for bucket in layouts[0]:
-        assert sum(bucket.sizes) == bucket.stop - bucket.start
-        shard_starts = [bucket.start + sum(bucket.sizes[:r]) for r in range(n)]
-        assert all(start % GRAM_CHUNK == 0 for start, size in zip(shard_starts, bucket.sizes) if size)
-        columns.extend(range(bucket.start, bucket.stop))
-    assert columns == list(range(p))
-    for rank, layout in enumerate(layouts):  # receive offsets are contiguous per rank
-        offsets = [b.offset for b in layout]
-        assert offsets == [sum(n * b.sizes[rank] for b in layout[:i]) for i in range(len(layout))]
+def test_layout_covers_every_column_once_in_whole_gram_chunks(n, p, bucket_size):
+    layout = _Layout.build(p, n, bucket_size)
+    assert len(layout.shards) == len(layout.buckets) == n
+    assert [s.start for s in layout.shards[1:]] == [s.stop for s in layout.shards[:-1]]
+    assert layout.shards[0].start == 0 and layout.shards[-1].stop == p
+    assert all(s.start % GRAM_CHUNK == 0 for s in layout.shards if s.stop > s.start)
+    widths = [s.stop - s.start for s in layout.shards]
+    assert max(widths) - min(widths) <= GRAM_CHUNK  # balanced to a Gram chunk
+    step = max(GRAM_CHUNK, bucket_size // GRAM_CHUNK * GRAM_CHUNK)
+    for shard, buckets in zip(layout.shards, layout.buckets):
+        columns = [c for b in buckets for c in range(b.start, b.stop)]
+        assert columns == list(range(shard.start, shard.stop))
+        assert all(b.stop - b.start <= step and b.start % GRAM_CHUNK == 0 for b in buckets)
+    assert layout.rounds == max(len(b) for b in layout.buckets)
