@@ -68,6 +68,7 @@ from .rule import (
     RULES,
     GAFResult,
     check_rule,
+    check_scale,
     check_threshold,
     decide,
     filter_microgradients,
@@ -173,18 +174,21 @@ class GAFExchange:
         rule: str = "sequential",
         *,
         out: torch.Tensor | None = None,
+        scale: float = 1.0,
     ) -> GAFResult:
         """Filter the micro-gradients of all ranks; see :func:`gaf_all_reduce` for the contract."""
         if not _is_distributed(self.group):
-            return _filter_locally(local_grads, threshold, rule, out)
-        block, tau = _validate_across_ranks(local_grads, threshold, rule, self.exchange, out, self.group)
+            return _filter_locally(local_grads, threshold, rule, out, scale)
+        block, tau, scale = _validate_across_ranks(local_grads, threshold, rule, self.exchange, out, scale, self.group)
         if self.exchange == "all_gather":
-            return self._all_gather(block, tau, rule, out)
-        return self._sharded(block, tau, rule, out)
+            return self._all_gather(block, tau, rule, out, scale)
+        return self._sharded(block, tau, rule, out, scale)
 
     # -- exchanges ------------------------------------------------------------------------------
 
-    def _all_gather(self, block: torch.Tensor, tau: float, rule: str, out: torch.Tensor | None) -> GAFResult:
+    def _all_gather(
+        self, block: torch.Tensor, tau: float, rule: str, out: torch.Tensor | None, scale: float
+    ) -> GAFResult:
         n = dist.get_world_size(self.group)
         k, p = block.shape
         gathered = self._buffer("gathered", (n * k, p), block)
@@ -193,10 +197,12 @@ class GAFExchange:
         gradient = None
         if not decision.skipped:
             gradient = self._destination(out, p, block)
-            mean_of_rows([gathered[i] for i in _indices(decision.accepted)], gradient)
+            mean_of_rows([gathered[i] for i in _indices(decision.accepted)], gradient, scale=scale)
         return GAFResult(gradient=gradient, **vars(decision))
 
-    def _sharded(self, block: torch.Tensor, tau: float, rule: str, out: torch.Tensor | None) -> GAFResult:
+    def _sharded(
+        self, block: torch.Tensor, tau: float, rule: str, out: torch.Tensor | None, scale: float
+    ) -> GAFResult:
         group = self.group
         n, rank = dist.get_world_size(group), dist.get_rank(group)
         k, p = block.shape
@@ -219,7 +225,7 @@ class GAFExchange:
             _wait(works)
             if j < len(own_buckets):
                 gram_matrix(rows, out=gram)
-                mean_of_rows(list(rows), gradient[columns])
+                mean_of_rows(list(rows), gradient[columns], scale=scale)
 
         # Step 3: sum the partial Gram matrices in rank order, identically on every rank.
         parts = gram.new_empty((n * m, m))
@@ -239,7 +245,7 @@ class GAFExchange:
         for j in range(layout.rounds):
             if j < len(own_buckets) and len(accepted) < m:
                 rows = recv[:, _shift(own_buckets[j], own.start)]
-                mean_of_rows([rows[i] for i in accepted], gradient[own_buckets[j]])
+                mean_of_rows([rows[i] for i in accepted], gradient[own_buckets[j]], scale=scale)
             works += self._gather_round(gradient, layout, j)
         _wait(works)
         return GAFResult(gradient=gradient, **vars(decision))
@@ -303,6 +309,7 @@ def gaf_all_reduce(
     exchange: str = "sharded",
     group: dist.ProcessGroup | None = None,
     out: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> GAFResult:
     """Gradient Agreement Filtering of the micro-gradients of all ranks: GAF's ``all_reduce``.
 
@@ -319,6 +326,9 @@ def gaf_all_reduce(
         out: optional contiguous ``[P]`` tensor of the input's dtype and device that receives the
             gradient; it must not overlap ``local_grads``. Without it, a new tensor is returned.
             Like an all-reduce buffer, ``out`` may be overwritten even when the step is skipped.
+        scale: multiplies the filtered mean, folded into its division: ``scale=c`` for ``c``
+            accepted micro-gradients costs no pass at all (see :func:`~hf_gaf.rule.mean_of_rows`).
+            A trainer matching gradient accumulation passes ``scale=K``.
 
     Returns:
         The :class:`~hf_gaf.rule.GAFResult` of
@@ -332,8 +342,8 @@ def gaf_all_reduce(
 
     Raises:
         ValueError or TypeError on every rank (never a hang) for a threshold outside [0, 2], an
-        unknown rule or exchange, or ``K``, ``P``, dtype, threshold, rule or exchange differing
-        across ranks.
+        unknown rule or exchange, a non-finite scale, or ``K``, ``P``, dtype, threshold, rule,
+        exchange or scale differing across ranks.
 
     A training loop should keep a :class:`GAFExchange` (or pass ``out``), so that no buffer is
     allocated per step.
@@ -342,14 +352,14 @@ def gaf_all_reduce(
         state = _default_state(group, exchange)
     except ValueError:
         if _is_distributed(group):
-            _validate_across_ranks(local_grads, threshold, rule, exchange, out, group)
+            _validate_across_ranks(local_grads, threshold, rule, exchange, out, scale, group)
         raise
     if out is None and _is_distributed(group):
-        result = state(local_grads, threshold, rule)
+        result = state(local_grads, threshold, rule, scale=scale)
         if result.gradient is not None:
             result.gradient = result.gradient.clone()
         return result
-    return state(local_grads, threshold, rule, out=out)
+    return state(local_grads, threshold, rule, out=out, scale=scale)
 
 
 _DEFAULT_STATES: dict[tuple[object, str], GAFExchange] = {}
@@ -397,21 +407,26 @@ def _local_block(local_grads: torch.Tensor | Sequence[torch.Tensor], out: torch.
 
 
 def _filter_locally(
-    local_grads: torch.Tensor | Sequence[torch.Tensor], threshold: float, rule: str, out: torch.Tensor | None
+    local_grads: torch.Tensor | Sequence[torch.Tensor],
+    threshold: float,
+    rule: str,
+    out: torch.Tensor | None,
+    scale: float,
 ) -> GAFResult:
     check_threshold(threshold)
     check_rule(rule)
     block = _local_block(local_grads, out)
-    return filter_microgradients(block, threshold, rule=rule, out=out)
+    return filter_microgradients(block, threshold, rule=rule, out=out, scale=scale)
 
 
 # Fields of the per-rank record compared across ranks before the exchange.
-_ERROR, _K, _P, _DTYPE, _RULE, _EXCHANGE, _THRESHOLD = range(7)
+_ERROR, _K, _P, _DTYPE, _RULE, _EXCHANGE, _THRESHOLD, _SCALE = _FIELDS = range(8)
 _ERRORS = {
     1: "threshold outside [0, 2]",
     2: "unknown rule",
     3: "unknown exchange",
-    4: "invalid micro-gradients or out",
+    4: "scale not a finite number",
+    5: "invalid micro-gradients or out",
 }
 
 
@@ -421,23 +436,31 @@ def _validate_across_ranks(
     rule: str,
     exchange: str,
     out: torch.Tensor | None,
+    scale: float,
     group: dist.ProcessGroup | None,
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float, float]:
     """Check the arguments here and against every other rank; raise on every rank if any is wrong.
 
-    One all-gather of seven numbers per rank, before any large transfer, so that no rank enters
-    the exchange while another has raised. Returns the contiguous ``[K, P]`` block and the threshold.
+    One all-gather of eight numbers per rank, before any large transfer, so that no rank enters
+    the exchange while another has raised. Returns the contiguous ``[K, P]`` block, the threshold
+    and the scale.
     """
     error: Exception | None = None
     block = None
-    record = torch.zeros(7, dtype=torch.float64)
-    try:
-        record[_THRESHOLD] = float(threshold)
-    except (TypeError, ValueError):
-        record[_THRESHOLD] = math.nan
+    record = torch.zeros(len(_FIELDS), dtype=torch.float64)
+    for field, number in ((_THRESHOLD, threshold), (_SCALE, scale)):
+        try:
+            record[field] = float(number)
+        except (TypeError, ValueError):
+            record[field] = math.nan
     record[_RULE] = RULES.index(rule) if rule in RULES else -1
     record[_EXCHANGE] = EXCHANGES.index(exchange) if exchange in EXCHANGES else -1
-    checks = ((1, check_threshold, threshold), (2, check_rule, rule), (3, _check_exchange, exchange))
+    checks = (
+        (1, check_threshold, threshold),
+        (2, check_rule, rule),
+        (3, _check_exchange, exchange),
+        (4, check_scale, scale),
+    )
     for code, check, argument in checks:
         try:
             check(argument)
@@ -449,11 +472,11 @@ def _validate_across_ranks(
         record[_K], record[_P], record[_DTYPE] = block.shape[0], block.shape[1], _DTYPES.index(block.dtype)
     except (TypeError, ValueError) as caught:
         if error is None:
-            error, record[_ERROR] = caught, 4
+            error, record[_ERROR] = caught, 5
     device = _collective_device(block, group)
-    records = record.new_empty(dist.get_world_size(group) * 7, device=device)
+    records = record.new_empty(dist.get_world_size(group) * len(_FIELDS), device=device)
     _all_gather_single(records, record.to(device), group=group)
-    records = records.view(-1, 7).cpu()
+    records = records.view(-1, len(_FIELDS)).cpu()
 
     if error is not None:
         raise error
@@ -479,7 +502,8 @@ def _validate_across_ranks(
     _require_same(records, _RULE, "rule", "pass the same rule on every rank", RULES)
     _require_same(records, _EXCHANGE, "exchange", "pass the same exchange on every rank", EXCHANGES)
     _require_same(records, _THRESHOLD, "threshold", "pass the same threshold on every rank")
-    return block, float(threshold)
+    _require_same(records, _SCALE, "scale", "pass the same scale on every rank")
+    return block, float(threshold), float(scale)
 
 
 def _require_same(records: torch.Tensor, field: int, what: str, fix: str, names: Sequence | None = None) -> None:

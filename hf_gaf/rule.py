@@ -30,6 +30,7 @@ __all__ = [
     "GAFResult",
     "accepted_mean",
     "check_rule",
+    "check_scale",
     "check_threshold",
     "decide",
     "filter_microgradients",
@@ -67,6 +68,17 @@ def check_threshold(threshold: float) -> float:
     return tau
 
 
+def check_scale(scale: float) -> float:
+    """Return ``scale`` as a float, or raise if it is not a finite number."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"GAF scale must be a finite number, got {scale!r}.") from None
+    if not math.isfinite(value):
+        raise ValueError(f"GAF scale must be a finite number, got {scale!r}.")
+    return value
+
+
 def check_rule(rule: str) -> str:
     """Return ``rule`` or raise if it is not one of :data:`RULES`."""
     if rule not in RULES:
@@ -80,7 +92,8 @@ class GAFResult:
 
     Attributes:
         gradient: the filtered mean ``sum_i weights[i] * g_i`` (shape ``[P]``, the dtype of the
-            micro-gradients), or ``None`` when the step is skipped.
+            micro-gradients) times the ``scale`` asked for (default 1), or ``None`` when the
+            step is skipped.
         accepted: bool ``[M]``, which micro-gradients entered the sum.
         weights: float64 ``[M]``, ``1 / c`` for accepted micro-gradients and 0 otherwise.
         distances: float64 ``[M]``, the cosine distance of each micro-gradient to the running sum
@@ -235,12 +248,16 @@ def _run_rule(gram: np.ndarray, valid: np.ndarray, starts: np.ndarray, tau: floa
     return accepted, distances
 
 
-def mean_of_rows(rows: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Return ``sum(rows) / len(rows)``, reading only ``rows``; written into ``out`` if given.
+def mean_of_rows(
+    rows: Sequence[torch.Tensor], out: torch.Tensor | None = None, *, scale: float = 1.0
+) -> torch.Tensor:
+    """Return ``scale * sum(rows) / len(rows)``, reading only ``rows``; written into ``out`` if given.
 
-    The first row is copied and the others added in order, in float32 at least, then divided:
-    one fixed arithmetic, so every caller (single process or any exchange) gets the same bits.
-    Writes straight into ``out`` (one pass per row) when no wider accumulator is needed.
+    The first row is copied and the others added in order, in float32 at least, then divided by
+    ``len(rows)`` (``scale == 1``), left alone (``scale == len(rows)``: the sum that gradient
+    accumulation would hold, at no extra pass) or multiplied by ``scale / len(rows)``: one fixed
+    arithmetic, so every caller (single process or any exchange) gets the same bits. Writes
+    straight into ``out`` (one pass per row) when no wider accumulator is needed.
     """
     if not rows:
         raise ValueError("mean_of_rows needs at least one row.")
@@ -254,21 +271,26 @@ def mean_of_rows(rows: Sequence[torch.Tensor], out: torch.Tensor | None = None) 
         acc, rest = acc.copy_(rows[0]), rows[1:]
     for row in rest:
         acc.add_(row)
-    acc.div_(len(rows))
+    if scale == 1.0:
+        acc.div_(len(rows))
+    elif scale != len(rows):
+        acc.mul_(scale / len(rows))
     if acc is not out:
         out.copy_(acc)
     return out
 
 
-def accepted_mean(block: torch.Tensor, accepted: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Return ``S / c``: the mean of the accepted rows of ``block`` (see :func:`mean_of_rows`).
+def accepted_mean(
+    block: torch.Tensor, accepted: torch.Tensor, out: torch.Tensor | None = None, *, scale: float = 1.0
+) -> torch.Tensor:
+    """Return ``scale * S / c``: the mean of the accepted rows of ``block`` (see :func:`mean_of_rows`).
 
     Rejected rows are never read, so an excluded NaN micro-gradient cannot leak into the result.
     """
     rows = torch.nonzero(accepted.cpu()).flatten().tolist()
     if not rows:
         raise ValueError("accepted_mean needs at least one accepted micro-gradient.")
-    return mean_of_rows([block[i] for i in rows], out)
+    return mean_of_rows([block[i] for i in rows], out, scale=scale)
 
 
 def filter_microgradients(
@@ -277,6 +299,7 @@ def filter_microgradients(
     *,
     rule: str = "sequential",
     out: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> GAFResult:
     """Filter ``M`` micro-gradients by agreement and average the ones that agree.
 
@@ -288,13 +311,17 @@ def filter_microgradients(
         rule: ``"sequential"`` (the paper's Algorithm 1) or ``"best_start"`` (order-robust).
         out: optional ``[P]`` tensor to write the filtered gradient into (reused between steps
             it saves an allocation of the model's size).
+        scale: multiplies the filtered mean, folded into its division: ``scale=K`` gives what
+            ``K`` accumulated backward passes would leave in ``.grad``, without an extra pass
+            when all ``K`` are accepted.
 
     Returns:
         A :class:`GAFResult`; ``gradient`` is ``[P]`` in the input dtype, or None if skipped.
     """
     check_threshold(threshold)
     check_rule(rule)
+    scale = check_scale(scale)
     block = stack_microgradients(grads)
     decision = decide(gram_matrix(block), threshold, rule)
-    gradient = None if decision.skipped else accepted_mean(block, decision.accepted, out)
+    gradient = None if decision.skipped else accepted_mean(block, decision.accepted, out, scale=scale)
     return GAFResult(gradient=gradient, **vars(decision))

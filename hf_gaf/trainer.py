@@ -71,7 +71,8 @@ class GAFTrainer(Trainer):
 
     Attributes:
         gaf_last_result: the latest step's [`GAFResult`], identical on every process (its
-            `gradient` is a buffer that the next step overwrites).
+            `gradient`, `gradient_accumulation_steps x` the filtered mean, is the buffer behind
+            `.grad`, which the next step overwrites).
         gaf_statistics: the [`GAFStatistics`] callback behind the `gaf/` logs.
     """
 
@@ -171,11 +172,13 @@ class GAFTrainer(Trainer):
 
         The plain Trainer's gradient is `(1 / world_size) x` the sum of all `world_size x k`
         captured gradients, i.e. `k x` their mean (DDP averages over processes, accumulation
-        sums the passes). GAF keeps that scale: `.grad = k x` the mean of the accepted ones.
+        sums the passes). GAF keeps that scale: `.grad = k x` the mean of the accepted ones,
+        computed by the exchange straight into the storage behind `.grad` (`scale=k`: when `k`
+        micro-gradients are accepted, that is their sum, with no division pass).
         """
         k, self._gaf_micro = self._gaf_micro, 0
         result = self._gaf_exchange(
-            buffer.buffer[:k], self.args.gaf_threshold, self.args.gaf_rule, out=buffer.grad_storage
+            buffer.buffer[:k], self.args.gaf_threshold, self.args.gaf_rule, out=buffer.grad_storage, scale=k
         )
         excluded = self.gaf_statistics.update(result)
         if excluded:
@@ -193,7 +196,7 @@ class GAFTrainer(Trainer):
         elif result.skipped:
             self._set_skipped(True)
         else:
-            buffer.write_back(result.gradient, scale=k)
+            buffer.write_back(result.gradient)  # already k x the mean, in grad_storage: installs the views
             self._set_skipped(False)
         self.gaf_last_result = result
 

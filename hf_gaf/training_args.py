@@ -54,8 +54,9 @@ class GAFTrainingArguments(TrainingArguments):
     gaf_bucket_size: int | None = field(
         default=None,
         metadata={
-            "help": "Elements per exchange bucket (bounds the exchange's extra memory and lets communication "
-            "overlap computation). Results do not depend on it. Default: the exchange's own default."
+            "help": "Elements per message of the sharded exchange (the unit of its pipeline: the Gram matrix of "
+            "one bucket is computed while the next ones travel). Results do not depend on it. Default: the "
+            "exchange's own (1M elements)."
         },
     )
     class_balanced_batches: bool = field(

@@ -91,6 +91,7 @@ def test_errors_raise_on_every_rank(launched):
         "K-mismatch": "K is [2, 1, 1]",
         "P-mismatch": "P is [100, 100, 99]",
         "dtype-mismatch": "dtype is ['torch.float16', 'torch.float32', 'torch.float32']",
+        "scale-mismatch": "scale is [1.0, 2.0, 1.0]",
     }
     # Case: (the rank with the bad argument, what its error says, what the others' errors say).
     on_one_rank = {
@@ -99,6 +100,7 @@ def test_errors_raise_on_every_rank(launched):
         "exchange-one-rank": (1, "Unknown GAF exchange 'bogus'", "rank 1: unknown exchange"),
         "not-2d-one-rank": (0, "[K, P] tensor", "rank 0: invalid micro-gradients or out"),
         "bad-out-one-rank": (1, "out must be a [100]", "rank 1: invalid micro-gradients or out"),
+        "scale-one-rank": (2, "scale must be a finite number, got inf", "rank 2: scale not a finite number"),
     }
     for rank, report in enumerate(per_rank):
         for case, needle in on_every_rank.items():

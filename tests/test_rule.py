@@ -144,6 +144,19 @@ def test_tau_two_is_the_plain_mean():
     torch.testing.assert_close(result.gradient, grads.mean(0))
 
 
+def test_scale_is_folded_into_the_mean():
+    gen = torch.Generator().manual_seed(10)
+    grads = torch.randn(3, 1000, generator=gen) + 1.0
+    total = grads[0] + grads[1] + grads[2]
+    assert torch.equal(filter_microgradients(grads, 2.0, scale=3).gradient, total)  # no division at all
+    assert torch.equal(filter_microgradients(grads, 2.0, scale=1).gradient, total / 3)
+    torch.testing.assert_close(filter_microgradients(grads, 2.0, scale=2).gradient, 2 * total / 3)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        filter_microgradients(grads, 2.0, scale=math.nan)
+    with pytest.raises(TypeError, match="scale must be a finite number"):
+        filter_microgradients(grads, 2.0, scale="two")
+
+
 @pytest.mark.parametrize("bad", ["zero", "nan", "inf"])
 @pytest.mark.parametrize("rule", ["sequential", "best_start"])
 def test_zero_and_non_finite_micro_gradients_are_excluded(bad, rule):

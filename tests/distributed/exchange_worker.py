@@ -12,6 +12,7 @@ ranks). Several modes share one launch, since starting the processes is the slow
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import os
 import sys
@@ -138,13 +139,14 @@ def run_cases(rank: int, world: int) -> tuple[dict, bytes]:
         name = f"{exchange}-{rule}-K{k}-{kind}-{str(dtype)[6:]}-P{p}-b{bucket}-tau{tau}"
         full = microgradients(world * k, p, kind, dtype, seed)
         local = full[rank * k : (rank + 1) * k].clone()
-        reference = filter_microgradients(full, tau, rule=rule)
+        scale = (1.0, 2.0, 3.0)[seed % 3]  # 2.0 is the count of accepted ones in some cases: no division
+        reference = filter_microgradients(full, tau, rule=rule, scale=scale)
         if bucket is None:  # the functional form with its cached default state
-            result = gaf_all_reduce(local, tau, rule=rule, exchange=exchange)
+            result = gaf_all_reduce(local, tau, rule=rule, exchange=exchange, scale=scale)
         else:
             state = states.setdefault((exchange, bucket), GAFExchange(exchange=exchange, bucket_size=bucket))
             out = torch.full((p,), 7.0, dtype=dtype) if seed % 2 else None
-            result = state(local, tau, rule, out=out)
+            result = state(local, tau, rule, out=out, scale=scale)
             if out is not None and result.gradient is not None and result.gradient.data_ptr() != out.data_ptr():
                 report.setdefault(name, []).append("gradient not written into out")
         if not torch.equal(local.view(torch.uint8), full[rank * k : (rank + 1) * k].view(torch.uint8)):
@@ -167,6 +169,8 @@ def run_errors(rank: int, world: int) -> tuple[dict, bytes]:
         "K-mismatch": lambda: gaf_all_reduce(good[: 1 + (rank == 0)], 0.97),
         "P-mismatch": lambda: GAFExchange()(good[:, : 100 - (rank == world - 1)], 0.97),
         "dtype-mismatch": lambda: gaf_all_reduce(good.half() if rank == 0 else good, 0.97, exchange="all_gather"),
+        "scale-mismatch": lambda: gaf_all_reduce(good, 0.97, scale=2.0 if rank == 1 else 1.0),
+        "scale-one-rank": lambda: gaf_all_reduce(good, 0.97, scale=math.inf if rank == 2 else 1.0),
         "not-2d-one-rank": lambda: gaf_all_reduce(good[0] if rank == 0 else good, 0.97),
         "bad-out-one-rank": lambda: gaf_all_reduce(good, 0.97, out=torch.empty(99 if rank == 1 else 100)),
     }
