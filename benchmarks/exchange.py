@@ -9,7 +9,8 @@ processes). For each P and K, every repetition times, side by side in the same p
 ``dist.all_reduce`` of a ``[P]`` float32 buffer (what DDP does once per optimizer step) and
 ``gaf_all_reduce`` of a ``[K, P]`` buffer with each exchange, writing into a reused ``out``
 buffer as a training loop would. Times are the median over repetitions after warm-up, of the
-slowest rank (each collective is preceded by a barrier). Extra memory per rank is the size of
+slowest rank (each collective is preceded by a barrier); ratios are medians of the per-repetition
+ratios, which pair calls made seconds apart. Extra memory per rank is the size of
 the buffers the exchange keeps (counted exactly from the tensors it allocated; per-bucket
 temporaries are bounded by the bucket size and not included), also shown as a multiple of P.
 The table is printed and the results written as JSON with the machine description.
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="1M,11M,25M", help="comma-separated P (elements), e.g. 1M,11M,25M")
     parser.add_argument("--world-sizes", default="2,4", help="comma-separated process counts")
     parser.add_argument("--ks", default="1,2", help="comma-separated micro-gradients per rank K")
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions (median reported)")
+    parser.add_argument("--reps", type=int, default=11, help="timed repetitions (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     parser.add_argument("--bucket-size", type=int, default=None, help="GAFExchange bucket size (default: its own)")
     parser.add_argument("--threshold", type=float, default=0.97)
@@ -110,11 +111,16 @@ def measure(p: int, k: int, args: argparse.Namespace) -> dict:
             if rep >= args.warmup:
                 times[name].append(elapsed)
     median = {name: statistics.median(values) for name, values in times.items()}
+    # Ratios are paired: each repetition runs every call back to back, so the median of the
+    # per-repetition ratios cancels the machine's slow drifts that a ratio of medians keeps.
+    paired = {
+        name: statistics.median(t / ref for t, ref in zip(times[name], times["all_reduce"])) for name in EXCHANGES
+    }
     memory = {name: state.buffer_bytes for name, state in states.items()}
     return {
         "world_size": world, "P": p, "K": k, "M": world * k, "dtype": "float32",
         "median_s": median, "times_s": times,
-        "ratio_to_all_reduce": {name: median[name] / median["all_reduce"] for name in EXCHANGES},
+        "ratio_to_all_reduce": paired,
         "extra_memory_bytes": memory,
         "extra_memory_in_P": {name: memory[name] / (p * 4) for name in EXCHANGES},
         "accepted": {name: calls[name]().num_accepted for name in EXCHANGES},
