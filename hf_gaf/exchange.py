@@ -275,7 +275,7 @@ class GAFExchange:
         return self._post(receives, sends, tag=layout.rounds + j)  # tags distinct from step 2's
 
     def _post(self, receives: list, sends: list, tag: int) -> list[dist.Work]:
-        """Start one batch of transfers, receives first: gloo then never holds a send for a receive."""
+        """Start one batch of transfers, receives first, so gloo has each buffer ready when its data arrives."""
         ops = [dist.P2POp(dist.irecv, t, _global_rank(self.group, peer), self.group, tag) for t, peer in receives]
         ops += [dist.P2POp(dist.isend, t, _global_rank(self.group, peer), self.group, tag) for t, peer in sends]
         return dist.batch_isend_irecv(ops) if ops else []
