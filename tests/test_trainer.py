@@ -136,6 +136,31 @@ def test_class_balanced_batches(tmp_path):
     assert len(set(epoch)) == len(epoch) == 60
 
 
+def test_resume_of_class_balanced_batches_after_several_epochs(tmp_path):
+    # 48 rows in balanced batches of 6, K = 2: four steps per epoch; resume at step 9, inside the
+    # third epoch. The sampler reshuffles per pass, so the resumed run must see the same batches.
+    pytest.importorskip("hf_gaf.data")
+    options = dict(
+        dataset=IndexedClusterDataset(size=48), class_balanced_batches=True, per_device_train_batch_size=6,
+        gaf_threshold=0.9, max_steps=14, gradient_accumulation_steps=2, save_strategy="steps", save_steps=3,
+    )
+    torch.manual_seed(0)
+    uninterrupted = BatchRecordingClassifier()
+    full, _ = train(str(tmp_path / "full"), model=uninterrupted, **options)
+    torch.manual_seed(0)
+    resumed_model = BatchRecordingClassifier()
+    resumed, _ = train(
+        str(tmp_path / "resumed"), model=resumed_model,
+        resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-9"), **options,
+    )
+    assert len(uninterrupted.batches) == 28 and len(resumed_model.batches) == 10
+    assert uninterrupted.batches[:8] != uninterrupted.batches[8:16]  # epochs are reshuffled
+    assert resumed_model.batches == uninterrupted.batches[-10:]
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    assert resumed.gaf_statistics.state() == full.gaf_statistics.state()
+
+
 def test_class_balanced_batches_need_a_multiple_of_the_class_count(tmp_path):
     pytest.importorskip("hf_gaf.data")
     with pytest.raises(ValueError, match="multiple of the number of classes"):
