@@ -153,7 +153,26 @@ def run_cases(rank: int, world: int) -> tuple[dict, bytes]:
             report.setdefault(name, []).append("local_grads modified")
         report.setdefault(name, []).extend(compare(result, reference, exact_distances=exchange == "all_gather"))
         blob += name.encode() + result_bytes(result)
+    if world >= 3:
+        report.update(run_subgroup(rank, world))
     return report, bytes(blob)
+
+
+def run_subgroup(rank: int, world: int) -> dict:
+    """The first and last rank as their own group: group ranks are not global ranks there."""
+    members = [0, world - 1]
+    group = dist.new_group(members)  # every rank takes part in creating it
+    report = {f"subgroup-{exchange}": [] for exchange in ("sharded", "all_gather")}
+    if rank in members:
+        k, me = 2, members.index(rank)
+        full = microgradients(len(members) * k, 400_003, "mixed", torch.float32, seed=1000)
+        reference = filter_microgradients(full, 0.97)
+        for exchange in report:
+            state = GAFExchange(group=group, exchange=exchange.removeprefix("subgroup-"), bucket_size=1 << 16)
+            result = state(full[me * k : (me + 1) * k].clone(), 0.97)
+            report[exchange] = compare(result, reference, exact_distances=exchange.endswith("all_gather"))
+    dist.barrier()
+    return report
 
 
 def run_errors(rank: int, world: int) -> tuple[dict, bytes]:
