@@ -221,6 +221,11 @@ def main() -> None:
         with open(os.path.join(out_dir, f"{mode}-rank{rank}.bin"), "wb") as f:
             f.write(blob)
     dist.destroy_process_group()
+    # Reports are written; skip interpreter finalization, where gloo occasionally aborts after
+    # destroy_process_group (see trainer_worker.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
