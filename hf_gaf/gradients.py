@@ -90,15 +90,8 @@ class GradientBuffer:
 
     def capture(self, k: int) -> torch.Tensor:
         """Move every parameter's ``.grad`` into row ``k`` (zeros where there is none); returns the row."""
-        row = self._row(k)
-        with torch.no_grad():
-            for p, target in self._slices(row):
-                if p.grad is None:
-                    target.zero_()
-                else:
-                    target.copy_(p.grad)
-                    p.grad = None
-        return row
+        with self.capturing(k) as row:  # no backward inside: the exit moves what .grad holds
+            return row
 
     @contextmanager
     def capturing(self, k: int) -> Iterator[torch.Tensor]:
