@@ -13,9 +13,11 @@ sum over columns. So the default ``"sharded"`` exchange never gathers the vector
 1. ``P`` is cut into ``N`` contiguous shards of whole Gram chunks; rank ``s`` owns shard ``s``.
    Every shard is sent in buckets of about ``bucket_size`` columns, the unit of pipelining.
 2. Point-to-point sends, straight from the caller's buffer, of every micro-gradient's shard ``s``
-   to rank ``s``, into a receive buffer kept between calls: rank ``s`` gets its shard of all
-   ``M`` micro-gradients, an ``[M, P/N]`` block, and computes its Gram matrix bucket by bucket as
-   the buckets arrive (float32 products of column chunks, accumulated in float64).
+   to rank ``s``, into a receive buffer kept between calls: rank ``s`` gets its shard of the
+   other ranks' ``M - K`` micro-gradients, reads its own ``K`` in place, and computes the Gram
+   matrix of these ``M`` rows bucket by bucket as the buckets arrive, in blocks (own x own,
+   own x received, received x received; float32 products of column chunks, accumulated in
+   float64).
 3. All ranks all-gather these ``N`` tiny partial matrices and add them in rank order: every rank
    holds the same bits of ``G``.
 4. :func:`~hf_gaf.rule.decide` on ``G``: identical input, identical decision, no broadcast.
@@ -34,7 +36,7 @@ Cost per rank, in elements (``M = N K``; a ring all-reduce for reference)::
     exchange       sent = received          extra memory
     all_reduce     2 P (N-1)/N              0 (in place)
     all_gather     K P (N-1)                N K P  (+ P result)
-    sharded        (K+1) P (N-1)/N          K P    (+ P result)
+    sharded        (K+1) P (N-1)/N          K P (N-1)/N  (+ P result)
 
 At ``K = 1`` the sharded exchange moves exactly what a ring all-reduce moves. Its remaining
 costs are the Gram matrix and the mean over ``M`` rows of a ``P/N`` block, both memory-bound and
@@ -73,6 +75,7 @@ from .rule import (
     decide,
     filter_microgradients,
     gram_matrix,
+    inner_products,
     mean_of_rows,
     stack_microgradients,
 )
@@ -209,27 +212,39 @@ class GAFExchange:
         m = n * k
         layout = self._layout(p, n)
         own, own_buckets = layout.shards[rank], layout.buckets[rank]
-        recv = self._buffer("recv", (m, own.stop - own.start), block)  # row rank * K + k: canonical order
+        mine = slice(rank * k, (rank + 1) * k)
+        # The other ranks' rows of this rank's shard, in canonical order without this rank's own,
+        # which are read in place from ``block``.
+        recv = self._buffer("recv", (m - k, own.stop - own.start), block)
+
+        def bucket_rows(columns: slice) -> list[torch.Tensor]:
+            """The M rows of a bucket of this rank's shard, in canonical order."""
+            theirs = recv[:, _shift(columns, own.start)]
+            return [*theirs[: mine.start], *block[:, columns], *theirs[mine.start :]]
 
         # Step 2, pipelined: every round's messages are posted at once. As each bucket arrives, its
-        # Gram matrix is computed and, while its rows are in cache, the mean of all of them: the
-        # update whenever every micro-gradient is accepted (always, for M = 2, unless skipped).
+        # Gram matrix is computed in blocks (own x own, own x theirs, theirs x theirs) and, while
+        # its rows are in cache, the mean of all of them: the update whenever every micro-gradient
+        # is accepted (always, for M = 2, unless skipped).
         rounds = [self._scatter_round(block, recv, layout, j) for j in range(layout.rounds)]
         gradient = self._destination(out, p, block)
-        gram = torch.zeros(m, m, dtype=torch.float64, device=block.device)
+        blocks = block.new_zeros((m, m), dtype=torch.float64)  # own rows first, then theirs
         for j, works in enumerate(rounds):
-            if j < len(own_buckets):
-                columns = own_buckets[j]
-                rows = recv[:, _shift(columns, own.start)]
-                rows[rank * k : (rank + 1) * k].copy_(block[:, columns])
             _wait(works)
             if j < len(own_buckets):
-                gram_matrix(rows, out=gram)
-                mean_of_rows(list(rows), gradient[columns], scale=scale)
+                columns = own_buckets[j]
+                ours, theirs = block[:, columns], recv[:, _shift(columns, own.start)]
+                inner_products(ours, ours, out=blocks[:k, :k])
+                inner_products(ours, theirs, out=blocks[:k, k:])
+                inner_products(theirs, theirs, out=blocks[k:, k:])
+                mean_of_rows(bucket_rows(columns), gradient[columns], scale=scale)
+        blocks[k:, :k] = blocks[:k, k:].T
+        canonical = torch.cat([torch.arange(k, k + mine.start), torch.arange(k), torch.arange(mine.start + k, m)])
+        gram = blocks[canonical][:, canonical]
 
         # Step 3: sum the partial Gram matrices in rank order, identically on every rank.
         parts = gram.new_empty((n * m, m))
-        _all_gather_single(parts, gram, group=group)
+        _all_gather_single(parts, gram.contiguous(), group=group)
         gram = parts[:m].clone()
         for part in parts[m:].split(m):
             gram += part
@@ -244,7 +259,7 @@ class GAFExchange:
         works = []
         for j in range(layout.rounds):
             if j < len(own_buckets) and len(accepted) < m:
-                rows = recv[:, _shift(own_buckets[j], own.start)]
+                rows = bucket_rows(own_buckets[j])
                 mean_of_rows([rows[i] for i in accepted], gradient[own_buckets[j]], scale=scale)
             works += self._gather_round(gradient, layout, j)
         _wait(works)
@@ -258,7 +273,8 @@ class GAFExchange:
         for peer in _peers(layout, rank):
             if j < len(layout.buckets[rank]):
                 columns = _shift(layout.buckets[rank][j], own.start)
-                receives += [(recv[peer * k + i, columns], peer) for i in range(k)]
+                first = (peer if peer < rank else peer - 1) * k  # recv skips this rank's own rows
+                receives += [(recv[first + i, columns], peer) for i in range(k)]
             if j < len(layout.buckets[peer]):
                 sends += [(block[i, layout.buckets[peer][j]], peer) for i in range(k)]
         return self._post(receives, sends, tag=j)
@@ -335,10 +351,11 @@ def gaf_all_reduce(
         ``filter_microgradients(all M micro-gradients, threshold, rule=rule)``, bit-identical on
         every rank: the same decision (``accepted``, ``weights``, ``skipped``, ``start``) and the
         same bits of ``gradient`` (``[P]``, input dtype, ``None`` when skipped). The sharded
-        exchange computes the Gram matrix from the same float32 chunk products, but batched
-        differently (BLAS may round them differently) and added in another order, so its
-        ``distances`` agree to about 1e-8 and a distance that close to the threshold could
-        decide the other way; ``"all_gather"`` reproduces them exactly.
+        exchange sums the same float32 chunk products, but in blocks of rows (which BLAS rounds
+        differently) and in another order, so its ``distances`` agree to about 1e-7 (2e-6 for
+        bfloat16 input, whose single-process distances are themselves within 3e-6 of exact) and
+        a distance that close to the threshold could decide the other way; ``"all_gather"``
+        reproduces them exactly.
 
     Raises:
         ValueError or TypeError on every rank (never a hang) for a threshold outside [0, 2], an
