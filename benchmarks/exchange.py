@@ -8,7 +8,9 @@ The script launches itself through torchrun once per world size (``--worker`` ma
 processes). For each P and K, every repetition times, side by side in the same process group:
 ``dist.all_reduce`` of a ``[P]`` float32 buffer (what DDP does once per optimizer step) and
 ``gaf_all_reduce`` of a ``[K, P]`` buffer with each exchange, writing into a reused ``out``
-buffer as a training loop would. Times are the median over repetitions after warm-up, of the
+buffer as a training loop would, with ``scale=M`` so that it returns what the all-reduce returns,
+the sum of the (here all accepted) micro-gradients: a trainer matching gradient accumulation
+passes ``scale=K`` the same way, and a mean would cost either side the same extra pass. Times are the median over repetitions after warm-up, of the
 slowest rank (each collective is preceded by a barrier); ratios are medians of the per-repetition
 ratios, which pair calls made seconds apart. Extra memory per rank is the size of
 the buffers the exchange keeps (counted exactly from the tensors it allocated; per-bucket
@@ -103,7 +105,9 @@ def measure(p: int, k: int, args: argparse.Namespace) -> dict:
     kwargs = {} if args.bucket_size is None else {"bucket_size": args.bucket_size}
     states = {name: GAFExchange(exchange=name, **kwargs) for name in EXCHANGES}
     calls = {"all_reduce": lambda: dist.all_reduce(flat)}
-    calls.update({name: partial(state, local, args.threshold, out=out) for name, state in states.items()})
+    calls.update(
+        {name: partial(state, local, args.threshold, out=out, scale=world * k) for name, state in states.items()}
+    )
     times: dict[str, list[float]] = {name: [] for name in calls}
     for rep in range(args.warmup + args.reps):
         for name, call in calls.items():
@@ -124,6 +128,7 @@ def measure(p: int, k: int, args: argparse.Namespace) -> dict:
         "extra_memory_bytes": memory,
         "extra_memory_in_P": {name: memory[name] / (p * 4) for name in EXCHANGES},
         "accepted": {name: calls[name]().num_accepted for name in EXCHANGES},
+        "scale": world * k,
     }  # fmt: skip
 
 
