@@ -6,8 +6,10 @@
 
 The script launches itself through torchrun once per world size (``--worker`` marks the launched
 processes). For each P and K, every repetition times, side by side in the same process group:
-``dist.all_reduce`` of a ``[P]`` float32 buffer (what DDP does once per optimizer step) and
-``gaf_all_reduce`` of a ``[K, P]`` buffer with each exchange, writing into a reused ``out``
+``dist.all_reduce`` of a ``[P]`` float32 buffer (what DDP does once per optimizer step, the
+reference of the ratios), for ``K > 1`` also ``dist.all_reduce`` of the ``[K, P]`` buffer itself
+(an all-reduce moving the same data as the exchange, the ``ar(KP)`` ratios), and
+``gaf_all_reduce`` of that ``[K, P]`` buffer with each exchange, writing into a reused ``out``
 buffer as a training loop would, with ``scale=M`` so that it returns what the all-reduce returns,
 the sum of the (here all accepted) micro-gradients: a trainer matching gradient accumulation
 passes ``scale=K`` the same way, and a mean would cost either side the same extra pass. Times are the median over repetitions after warm-up, of the
@@ -54,11 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bucket-size", type=int, default=None, help="GAFExchange bucket size (default: its own)")
     parser.add_argument("--threshold", type=float, default=0.97)
     parser.add_argument("--quick", action="store_true", help="smoke run: 100K and 1M, 2 processes, 3 reps")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "exchange.json"))
+    parser.add_argument("--output", default=None, help="JSON path (default: results/exchange.json, *_quick.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # set on launched processes
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.world_sizes, args.reps, args.warmup = "100K,1M", "2", 3, 1
+    if args.output is None:
+        args.output = str(Path(__file__).parent / "results" / f"exchange{'_quick' if args.quick else ''}.json")
     return args
 
 
@@ -101,10 +105,12 @@ def measure(p: int, k: int, args: argparse.Namespace) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     shared = torch.randn(p, generator=torch.Generator().manual_seed(0))
     local = torch.randn(k, p, generator=torch.Generator().manual_seed(1 + rank)).add_(shared)  # they agree
-    flat, out = local[0].clone(), torch.empty(p)
+    flat, same_buffer, out = local[0].clone(), local.clone(), torch.empty(p)
     kwargs = {} if args.bucket_size is None else {"bucket_size": args.bucket_size}
     states = {name: GAFExchange(exchange=name, **kwargs) for name in EXCHANGES}
     calls = {"all_reduce": lambda: dist.all_reduce(flat)}
+    if k > 1:
+        calls["all_reduce_KP"] = lambda: dist.all_reduce(same_buffer)
     calls.update(
         {name: partial(state, local, args.threshold, out=out, scale=world * k) for name, state in states.items()}
     )
@@ -117,14 +123,17 @@ def measure(p: int, k: int, args: argparse.Namespace) -> dict:
     median = {name: statistics.median(values) for name, values in times.items()}
     # Ratios are paired: each repetition runs every call back to back, so the median of the
     # per-repetition ratios cancels the machine's slow drifts that a ratio of medians keeps.
-    paired = {
-        name: statistics.median(t / ref for t, ref in zip(times[name], times["all_reduce"])) for name in EXCHANGES
-    }
+    def paired(reference: str) -> dict[str, float]:
+        return {
+            name: statistics.median(t / ref for t, ref in zip(times[name], times[reference])) for name in EXCHANGES
+        }
+
     memory = {name: state.buffer_bytes for name, state in states.items()}
     return {
         "world_size": world, "P": p, "K": k, "M": world * k, "dtype": "float32",
         "median_s": median, "times_s": times,
-        "ratio_to_all_reduce": paired,
+        "ratio_to_all_reduce": paired("all_reduce"),
+        "ratio_to_all_reduce_of_same_buffer": paired("all_reduce_KP" if k > 1 else "all_reduce"),
         "extra_memory_bytes": memory,
         "extra_memory_in_P": {name: memory[name] / (p * 4) for name in EXCHANGES},
         "accepted": {name: calls[name]().num_accepted for name in EXCHANGES},
@@ -172,15 +181,17 @@ def size_label(p: int) -> str:
 def table(rows: list[dict]) -> str:
     header = (
         f"{'N':>2} {'P':>6} {'K':>2} | {'all_reduce':>10} {'sharded':>9} {'all_gather':>10} | "
-        f"{'sh/ar':>6} {'ag/ar':>6} | {'mem sh':>7} {'mem ag':>7}"
+        f"{'sh/ar':>6} {'ag/ar':>6} {'sh/ar(KP)':>9} | {'mem sh':>7} {'mem ag':>7}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         t, r, mem = row["median_s"], row["ratio_to_all_reduce"], row["extra_memory_in_P"]
+        same = row["ratio_to_all_reduce_of_same_buffer"]["sharded"]
         lines.append(
             f"{row['world_size']:>2} {size_label(row['P']):>6} {row['K']:>2} | "
             f"{t['all_reduce'] * 1e3:>8.1f}ms {t['sharded'] * 1e3:>7.1f}ms {t['all_gather'] * 1e3:>8.1f}ms | "
-            f"{r['sharded']:>6.2f} {r['all_gather']:>6.2f} | {mem['sharded']:>6.2f}P {mem['all_gather']:>6.2f}P"
+            f"{r['sharded']:>6.2f} {r['all_gather']:>6.2f} {same:>9.2f} | "
+            f"{mem['sharded']:>6.2f}P {mem['all_gather']:>6.2f}P"
         )
     return "\n".join(lines)
 

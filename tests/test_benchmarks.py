@@ -1,4 +1,4 @@
-"""Smoke tests: `benchmarks/noise_sweep.py` and `benchmarks/cosine_trace.py` run end to end with --quick.
+"""Smoke tests: the benchmark scripts run end to end with --quick.
 
 They run the real scripts in a subprocess (as a user would), into a temporary folder, and check
 the JSON and PNG they write. The numbers of a 10-step run mean nothing; the published figures come
@@ -62,3 +62,25 @@ def test_cosine_trace_quick(tmp_path):
         assert len(step) == 2 and step[0] is None and 0.0 <= step[1] <= 2.0
     (row,) = data["summary"]
     assert row["distance_min"] <= row["distance_mean"] <= row["distance_max"]
+
+
+def test_exchange_quick(tmp_path):
+    output = tmp_path / "exchange_quick.json"
+    command = [sys.executable, str(BENCHMARKS / "exchange.py"), "--quick", "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert result.returncode == 0, f"exchange.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    data = json.loads(output.read_text())
+    rows = data["results"]
+    assert {(r["world_size"], r["P"], r["K"]) for r in rows} == {(2, p, k) for p in (100_000, 1_000_000) for k in (1, 2)}
+    for row in rows:
+        assert row["accepted"] == {"sharded": row["M"], "all_gather": row["M"]}  # the benchmark's gradients agree
+        assert len(row["times_s"]["sharded"]) == data["settings"]["reps"] == 3
+        # Memory is counted from the exchange's own buffers: sharded keeps the other rank's K rows of
+        # its half, all_gather the whole [N K, P] block.
+        assert row["extra_memory_in_P"]["sharded"] <= row["K"] * 0.51
+        assert row["extra_memory_in_P"]["all_gather"] == 2 * row["K"]
+        if row["K"] == 1:  # the [K, P] buffer is the [P] one
+            assert row["ratio_to_all_reduce_of_same_buffer"] == row["ratio_to_all_reduce"]
+        else:
+            assert len(row["times_s"]["all_reduce_KP"]) == 3
+    assert "sh/ar" in result.stdout
