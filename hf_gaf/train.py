@@ -263,7 +263,13 @@ def _stored_image_size(split: datasets.Dataset, image_column: str) -> int:
     return max(width, height)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def build_trainer(argv: list[str] | None = None) -> tuple[GAFTrainer, dict[str, Any]]:
+    """Parse ``argv`` (default: the command line), prepare the data and return the untrained trainer.
+
+    Also returns the prepared data (:func:`prepare_data`), which :func:`evaluate_run` needs for the
+    memorisation of the corrupted labels. Benchmarks build their runs here, so that they train
+    exactly what ``python -m hf_gaf.train`` trains.
+    """
     data_args, model_args, run_args, training_args = parse_arguments(argv)
     if run_args.baseline:
         training_args.gaf_threshold = 2.0
@@ -290,7 +296,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=accuracy_metrics(),
         preprocess_logits_for_metrics=argmax_logits,
     )
-    trainer.train()
+    return trainer, data
+
+
+def evaluate_run(trainer: GAFTrainer, data: dict[str, Any]) -> dict[str, float]:
+    """After training: clean test metrics (``test_*``), memorisation of the corrupted training labels
+    (``train_*``, when labels were corrupted) and the GAF totals (``gaf/*``)."""
     results = {f"test_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate(metric_key_prefix="eval").items()}
     raw_train = data["raw_train"]
     flipped = np.asarray(raw_train[FLIPPED_COLUMN]) if FLIPPED_COLUMN in raw_train.column_names else None
@@ -304,10 +315,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         results.update({f"train_{k}": v for k, v in memorization.items()})
     results.update(trainer.gaf_statistics.summary())
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    trainer, data = build_trainer(argv)
+    trainer.train()
+    results = evaluate_run(trainer, data)
     trainer.log_metrics("final", results)
     trainer.save_metrics("final", results)
     if trainer.is_world_process_zero():
-        print(f"Results written to {os.path.join(training_args.output_dir, 'final_results.json')}")
+        print(f"Results written to {os.path.join(trainer.args.output_dir, 'final_results.json')}")
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir:
                 print(f"Logs for tensorboard in {callback.logging_dir} (tensorboard --logdir {callback.logging_dir})")
