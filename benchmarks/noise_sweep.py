@@ -1,6 +1,8 @@
 """Label-noise sweep: GAF (tau 0.97 and 1.0) against plain averaging (tau 2), like the paper's Figure 6.
 
-Every run is an independent `GAFTrainer.train()` on the embedded handwritten digits
+Every run is an independent `python -m hf_gaf.train` run (built by `hf_gaf.train.build_trainer`
+from a command line, see `training_argv`, and scored by `hf_gaf.train.evaluate_run`) on the
+embedded handwritten digits
 (`hf_gaf.data.load_digits_dataset`, 1,437 train / 360 test images, 8x8 grayscale, 10 classes)
 with symmetric label noise on the training split (`add_symmetric_label_noise`), micro-batches of
 one sample per class (`class_balanced_batches`, batch size 10) and two micro-batches per optimizer
@@ -43,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_JOBS = 2  # the benchmark machine has 2 shared cores
 
@@ -79,8 +83,6 @@ class SweepArguments:
         metadata={"help": "Train with the library's augmentation (random padded crop + horizontal flip)."},
     )
     crop_padding: int = field(default=1, metadata={"help": "Padding of the random crop when --augment."})
-    test_size: float = field(default=0.2, metadata={"help": "Held-out fraction of the digits (stratified)."})
-    split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split (fixed across runs)."})
     threads: int = field(default=1, metadata={"help": "torch threads per run."})
     jobs: int = field(default=2, metadata={"help": f"Runs training at once, at most {MAX_JOBS}."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: noise 0 and 0.4, tau 0.97 and 2, one seed, 10 steps."})
@@ -105,135 +107,82 @@ class SweepArguments:
         return "_".join(["noise_sweep", *(["quick"] if self.quick else []), *([self.tag] if self.tag else [])])
 
 
+def training_argv(config: dict[str, Any], noise_rate: float, threshold: float, seed: int, output_dir: str) -> list[str]:
+    """The `python -m hf_gaf.train` command line of one run: its defaults are the sweep's configuration."""
+    return [
+        "--dataset", "digits",
+        "--noise_rate", str(noise_rate), "--noise_seed", str(seed), "--seed", str(seed),
+        "--gaf_threshold", str(threshold),
+        "--max_steps", str(config["max_steps"]),
+        "--learning_rate", str(config["learning_rate"]),
+        "--optim", "sgd", "--optim_args", f"momentum={config['momentum']}",
+        "--weight_decay", str(config["weight_decay"]),
+        "--lr_scheduler_type", config["lr_scheduler_type"],
+        "--model_name", config["model_name"], "--model_kwargs", config["model_kwargs"],
+        "--image_size", str(config["image_size"]),
+        "--augment", str(config["augment"]), "--crop_padding", str(config["crop_padding"]),
+        "--per_device_eval_batch_size", "512",
+        "--use_cpu", "True",
+        "--output_dir", output_dir,
+        "--report_to", "none", "--logging_strategy", "no", "--disable_tqdm", "True",
+    ]  # fmt: skip
+
+
+class StepTrace(TrainerCallback):
+    """Records every step's cosine distances and skip decision, read from `GAFTrainer.gaf_last_result`."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.distances: list[list[float | None]] = []
+        self.skipped: list[bool] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        result = self.trainer.gaf_last_result
+        self.distances.append([None if math.isnan(d) else d for d in result.distances.tolist()])
+        self.skipped.append(bool(result.skipped))
+
+
 def run_one(
     config: dict[str, Any], noise_rate: float, threshold: float, seed: int, *, trace: bool = False
 ) -> dict[str, Any]:
-    """Train one model with `GAFTrainer` and return its test accuracy, memorisation and GAF statistics.
+    """Train one model as `python -m hf_gaf.train` does; return its test accuracy, memorisation and GAF statistics.
 
     With `trace`, the result also holds every step's cosine distances (`trace_distances`, one list
     of M - 1 values per step, None where the rule made no comparison) and skip decisions, read
     from `GAFTrainer.gaf_last_result` by a callback (used by `cosine_trace.py`).
     """
-    import numpy as np
     import torch
-    from transformers import PrinterCallback, TrainerCallback, set_seed
+    from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
 
-    from hf_gaf import GAFTrainer, GAFTrainingArguments
-    from hf_gaf.data import (
-        FLIPPED_COLUMN,
-        NOISY_LABEL_COLUMN,
-        add_symmetric_label_noise,
-        channel_mean_std,
-        collate_image_classification,
-        image_classification_transform,
-        load_digits_dataset,
-    )
-    from hf_gaf.metrics import accuracy_metrics, argmax_logits, compute_memorization
-    from hf_gaf.models import create_image_classifier
+    from hf_gaf.train import build_trainer, evaluate_run
 
     torch.set_num_threads(config["threads"])
     hf_logging.set_verbosity_error()
     started = time.perf_counter()
     cpu_started = time.process_time()
-
-    splits = load_digits_dataset(test_size=config["test_size"], seed=config["split_seed"])
-    train = splits["train"]
-    label_column = "label"
-    if noise_rate > 0:
-        train = add_symmetric_label_noise(train, noise_rate, seed=seed, label_column=label_column)
-        train_label_column = NOISY_LABEL_COLUMN
-    else:
-        train_label_column = label_column
-    mean, std = channel_mean_std(train, num_channels=1)
-    common = {"mean": mean, "std": std, "image_size": config["image_size"], "num_channels": 1}
-    train_set = train.with_transform(
-        image_classification_transform(
-            train=config["augment"], label_column=train_label_column, crop_padding=config["crop_padding"], **common
-        )
-    )
-    train_eval = train.with_transform(image_classification_transform(train=False, label_column=train_label_column, **common))
-    test_set = splits["test"].with_transform(image_classification_transform(train=False, label_column=label_column, **common))
-
-    set_seed(seed)
-    names = train.features[label_column].names
-    model = create_image_classifier(
-        config["model_name"], len(names), image_size=config["image_size"], in_chans=1, id2label=names,
-        **json.loads(config["model_kwargs"]),
-    )
     with tempfile.TemporaryDirectory(prefix="noise_sweep_") as output_dir:
-        args = GAFTrainingArguments(
-            output_dir=output_dir,
-            gaf_threshold=threshold,
-            class_balanced_batches=True,
-            class_balanced_label_column=train_label_column,
-            per_device_train_batch_size=len(names),  # one sample per class
-            per_device_eval_batch_size=512,
-            gradient_accumulation_steps=2,  # M = 2 micro-gradients per step, as in the paper
-            max_steps=config["max_steps"],
-            learning_rate=config["learning_rate"],
-            optim="sgd",
-            optim_args=f"momentum={config['momentum']}",
-            weight_decay=config["weight_decay"],
-            lr_scheduler_type=config["lr_scheduler_type"],
-            seed=seed,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-        )
-        trainer = GAFTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_set,
-            data_collator=collate_image_classification,
-            compute_metrics=accuracy_metrics(),
-            preprocess_logits_for_metrics=argmax_logits,
-        )
-        tracer = None
-        if trace:
-
-            class Tracer(TrainerCallback):
-                def __init__(self):
-                    self.distances: list[list[float | None]] = []
-                    self.skipped: list[bool] = []
-
-                def on_step_end(self, args, state, control, **kwargs):
-                    result = trainer.gaf_last_result
-                    self.distances.append([None if math.isnan(d) else d for d in result.distances.tolist()])
-                    self.skipped.append(bool(result.skipped))
-
-            tracer = Tracer()
-            trainer.add_callback(tracer)
+        trainer, data = build_trainer(training_argv(config, noise_rate, threshold, seed, output_dir))
         trainer.remove_callback(PrinterCallback)  # the sweep prints its own one-line summary per run
+        tracer = StepTrace(trainer) if trace else None
+        if tracer is not None:
+            trainer.add_callback(tracer)
         train_output = trainer.train()
-        test_accuracy = trainer.evaluate(test_set)["eval_accuracy"]
-        memorization: dict[str, float] = {}
-        if FLIPPED_COLUMN in train.column_names:
-            prediction = trainer.predict(train_eval)
-            memorization = compute_memorization(
-                prediction.predictions, prediction.label_ids, np.asarray(train[label_column]),
-                flipped=np.asarray(train[FLIPPED_COLUMN]),
-            )
-        stats = trainer.gaf_statistics
+        results = evaluate_run(trainer, data)
     traced = {} if tracer is None else {"trace_distances": tracer.distances, "trace_skipped": tracer.skipped}
     return {
         "noise_rate": noise_rate,
         "threshold": threshold,
         "seed": seed,
-        "test_accuracy": test_accuracy,
+        "test_accuracy": results["test_accuracy"],
         "train_loss": train_output.training_loss,
-        "memorized": memorization.get("memorized", math.nan),
-        "corrupted_predicted_clean": memorization.get("correct", math.nan),
-        "uncorrupted_train_accuracy": memorization.get("uncorrupted_accuracy", math.nan),
-        "num_corrupted": int(memorization.get("num_corrupted", 0)),
-        "steps": stats.total_steps,
-        "skipped_steps": stats.total_skipped,
-        "skipped_fraction": stats.total_skipped / max(stats.total_steps, 1),
+        "memorized": results.get("train_memorized", math.nan),
+        "corrupted_predicted_clean": results.get("train_correct", math.nan),
+        "uncorrupted_train_accuracy": results.get("train_uncorrupted_accuracy", math.nan),
+        "num_corrupted": int(results.get("train_num_corrupted", 0)),
+        "steps": results["gaf/steps"],
+        "skipped_steps": results["gaf/skipped_steps_total"],
+        "skipped_fraction": results["gaf/skipped_fraction"],
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - cpu_started,
     } | traced
