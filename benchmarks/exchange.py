@@ -12,12 +12,12 @@ reference of the ratios), for ``K > 1`` also ``dist.all_reduce`` of the ``[K, P]
 ``gaf_all_reduce`` of that ``[K, P]`` buffer with each exchange, writing into a reused ``out``
 buffer as a training loop would, with ``scale=M`` so that it returns what the all-reduce returns,
 the sum of the (here all accepted) micro-gradients: a trainer matching gradient accumulation
-passes ``scale=K`` the same way, and a mean would cost either side the same extra pass. Times are the median over repetitions after warm-up, of the
-slowest rank (each collective is preceded by a barrier); ratios are medians of the per-repetition
-ratios, which pair calls made seconds apart. Extra memory per rank is the size of
-the buffers the exchange keeps (counted exactly from the tensors it allocated; per-bucket
-temporaries are bounded by the bucket size and not included), also shown as a multiple of P.
-The table is printed and the results written as JSON with the machine description.
+passes ``scale=K`` the same way, and a mean would cost either side the same extra pass. Times
+are the median over repetitions after warm-up, of the slowest rank (each collective is preceded
+by a barrier); ratios are medians of the per-repetition ratios, which pair calls made seconds
+apart. Extra memory per rank is the size of the buffers the exchange keeps (counted exactly from
+the tensors it allocated; per-bucket temporaries are bounded by the bucket size and not
+included), also shown as a multiple of P. The table is printed and the results written as JSON with the machine description.
 """
 
 from __future__ import annotations
