@@ -17,7 +17,8 @@ are the median over repetitions after warm-up, of the slowest rank (each collect
 by a barrier); ratios are medians of the per-repetition ratios, which pair calls made seconds
 apart. Extra memory per rank is the size of the buffers the exchange keeps (counted exactly from
 the tensors it allocated; per-bucket temporaries are bounded by the bucket size and not
-included), also shown as a multiple of P. The table is printed and the results written as JSON with the machine description.
+included), also shown as a multiple of P. The table is printed and the results written as JSON
+with the machine description.
 """
 
 from __future__ import annotations
