@@ -71,6 +71,7 @@ from .rule import (
     GRAM_CHUNK,
     RULES,
     GAFResult,
+    accepted_mean,
     check_rule,
     check_scale,
     check_threshold,
@@ -202,7 +203,7 @@ class GAFExchange:
         gradient = None
         if not decision.skipped:
             gradient = self._destination(out, p, block)
-            mean_of_rows([gathered[i] for i in _indices(decision.accepted)], gradient, scale=scale)
+            accepted_mean(gathered, decision.accepted, gradient, scale=scale)
         return GAFResult(gradient=gradient, **vars(decision))
 
     def _sharded(
