@@ -95,6 +95,10 @@ DEFAULT_BUCKET_SIZE = 1 << 20
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# Message tag of the small all-gathers (argument records, partial Gram matrices); the sharded
+# exchange's transfers use tags from 0 to twice the number of bucket rounds.
+_SMALL_TAG = 1 << 30
+
 # torch >= 2.10 renamed all_gather_into_tensor; the output is the inputs concatenated along dim 0.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -246,10 +250,9 @@ class GAFExchange:
         gram = blocks[canonical][:, canonical]
 
         # Step 3: sum the partial Gram matrices in rank order, identically on every rank.
-        parts = gram.new_empty((n * m, m))
-        _all_gather_single(parts, gram.contiguous(), group=group)
-        gram = parts[:m].clone()
-        for part in parts[m:].split(m):
+        parts = _all_gather_small(gram.contiguous(), group)
+        gram = parts[0].clone()
+        for part in parts[1:]:
             gram += part
 
         decision = decide(gram, tau, rule)
@@ -294,10 +297,7 @@ class GAFExchange:
         return self._post(receives, sends, tag=layout.rounds + j)  # tags distinct from step 2's
 
     def _post(self, receives: list, sends: list, tag: int) -> list[dist.Work]:
-        """Start one batch of transfers, receives first, so gloo has each buffer ready when its data arrives."""
-        ops = [dist.P2POp(dist.irecv, t, _global_rank(self.group, peer), self.group, tag) for t, peer in receives]
-        ops += [dist.P2POp(dist.isend, t, _global_rank(self.group, peer), self.group, tag) for t, peer in sends]
-        return dist.batch_isend_irecv(ops) if ops else []
+        return _post(receives, sends, self.group, tag)
 
     # -- buffers --------------------------------------------------------------------------------
 
@@ -493,10 +493,7 @@ def _validate_across_ranks(
     except (TypeError, ValueError) as caught:
         if error is None:
             error, record[_ERROR] = caught, 5
-    device = _collective_device(block, group)
-    records = record.new_empty(dist.get_world_size(group) * len(_FIELDS), device=device)
-    _all_gather_single(records, record.to(device), group=group)
-    records = records.view(-1, len(_FIELDS)).cpu()
+    records = _all_gather_small(record.to(_collective_device(block, group)), group).cpu()
 
     if error is not None:
         raise error
@@ -550,6 +547,33 @@ def _shift(columns: slice, offset: int) -> slice:
 
 def _peers(layout: _Layout, rank: int) -> list[int]:
     return [peer for peer in range(len(layout.shards)) if peer != rank]
+
+
+def _post(receives: list, sends: list, group: dist.ProcessGroup | None, tag: int) -> list[dist.Work]:
+    """Start one batch of transfers, receives first, so gloo has each buffer ready when its data arrives."""
+    ops = [dist.P2POp(dist.irecv, t, _global_rank(group, peer), group, tag) for t, peer in receives]
+    ops += [dist.P2POp(dist.isend, t, _global_rank(group, peer), group, tag) for t, peer in sends]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _all_gather_small(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every rank's ``tensor`` (a few numbers), stacked in rank order: ``[N, *tensor.shape]``.
+
+    gloo's all-gather passes the pieces around a ring, ``N - 1`` message latencies; from 3 ranks
+    on, one round of point-to-point messages between every pair arrives sooner. Measured on CPU,
+    steps of the sharded exchange at 1M columns took 0.83x the time on 4 processes (median of 40
+    paired steps) and 0.94x on 3. With 2 ranks the ring is one exchange too, and gloo's
+    all-gather was the faster (0.7x); other backends use theirs.
+    """
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    gathered = tensor.new_empty((n, *tensor.shape))
+    if n == 2 or dist.get_backend(group) != "gloo":
+        _all_gather_single(gathered.view(-1), tensor.reshape(-1), group=group)
+        return gathered
+    gathered[rank] = tensor
+    peers = [peer for peer in range(n) if peer != rank]
+    _wait(_post([(gathered[peer], peer) for peer in peers], [(tensor, peer) for peer in peers], group, _SMALL_TAG))
+    return gathered
 
 
 def _wait(works: Sequence[dist.Work]) -> None:
