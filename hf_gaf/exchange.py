@@ -54,7 +54,7 @@ transfer itself). A training loop keeps one and calls it once per optimizer step
 exchange.
 
 Argument errors (threshold, rule, exchange, ``K``, ``P`` or dtype differing across ranks) are
-detected with one collective of a few numbers before the large exchange and raised on every
+detected with one all-gather of a few numbers before the large exchange and raised on every
 rank, so a mistake on one rank never leaves the others waiting.
 """
 
