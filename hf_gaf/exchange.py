@@ -40,7 +40,7 @@ Cost per rank, in elements (``M = N K``; a ring all-reduce for reference)::
 
 At ``K = 1`` the sharded exchange moves exactly what a ring all-reduce moves. Its remaining
 costs are the Gram matrix and the mean over ``M`` rows of a ``P/N`` block, both memory-bound and
-computed while the bucket is in cache, and one collective of ``N M^2`` float64 values. The
+computed while the bucket is in cache, and one all-gather of ``N M^2`` float64 values. The
 all-gather exchange is the naive baseline of the published GAF code, kept for comparison and for
 tiny models; it computes the Gram matrix exactly as :func:`~hf_gaf.rule.filter_microgradients`
 does. At ``N = 2``, ``K = 1`` it moves no more data than the sharded exchange and synchronises
