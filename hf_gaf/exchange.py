@@ -283,7 +283,7 @@ class GAFExchange:
                 receives += [(recv[first + i, columns], peer) for i in range(k)]
             if j < len(layout.buckets[peer]):
                 sends += [(block[i, layout.buckets[peer][j]], peer) for i in range(k)]
-        return self._post(receives, sends, tag=j)
+        return _post(receives, sends, self.group, tag=j)
 
     def _gather_round(self, gradient: torch.Tensor, layout: _Layout, j: int) -> list[dist.Work]:
         """Post round ``j`` of step 5: this rank's averaged bucket ``j`` to every rank, theirs to it."""
@@ -294,10 +294,7 @@ class GAFExchange:
                 receives.append((gradient[layout.buckets[peer][j]], peer))
             if j < len(layout.buckets[rank]):
                 sends.append((gradient[layout.buckets[rank][j]], peer))
-        return self._post(receives, sends, tag=layout.rounds + j)  # tags distinct from step 2's
-
-    def _post(self, receives: list, sends: list, tag: int) -> list[dist.Work]:
-        return _post(receives, sends, self.group, tag)
+        return _post(receives, sends, self.group, tag=layout.rounds + j)  # tags distinct from step 2's
 
     # -- buffers --------------------------------------------------------------------------------
 
