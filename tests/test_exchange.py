@@ -50,13 +50,14 @@ def launched(tmp_path_factory):
     """``launched(nproc)``: the output directory of the one launch at that world size.
 
     3 processes also run the error cases, in the same launch: starting the processes is the cost.
+    4 processes run only a subgroup of 3.
     """
     done: dict[int, Path] = {}
 
     def launch(nproc: int) -> Path:
         if nproc not in done:
             out_dir = tmp_path_factory.mktemp(f"exchange{nproc}")
-            torchrun(nproc, out_dir, "cases,errors" if nproc == 3 else "cases")
+            torchrun(nproc, out_dir, {2: "cases", 3: "cases,errors", 4: "subgroup"}[nproc])
             done[nproc] = out_dir
         return done[nproc]
 
@@ -78,6 +79,16 @@ def test_matches_single_process_on_every_rank(launched, nproc):
         assert not failures, f"rank {rank}: {failures}"
     blobs = [(out_dir / f"cases-rank{r}.bin").read_bytes() for r in range(nproc)]
     assert all(blob == blobs[0] for blob in blobs), "results are not bit-identical across ranks"
+
+
+def test_subgroup_of_three_of_four_processes(launched):
+    """Group ranks 0-2 are global ranks 1-3; with 3 members every small all-gather is point to point."""
+    out_dir = launched(4)
+    for rank, report in enumerate(reports(out_dir, "subgroup", 4)):
+        assert report == {"subgroup-sharded": [], "subgroup-all_gather": []}, f"rank {rank}: {report}"
+    blobs = [(out_dir / f"subgroup-rank{r}.bin").read_bytes() for r in range(4)]
+    assert blobs[0] == b"" and blobs[1], "rank 0 is not a member; the members report their results"
+    assert blobs[1] == blobs[2] == blobs[3], "results are not bit-identical across the group"
 
 
 def test_errors_raise_on_every_rank(launched):
