@@ -276,7 +276,7 @@ class GAFExchange:
         rank, k = dist.get_rank(self.group), block.shape[0]
         own = layout.shards[rank]
         receives, sends = [], []
-        for peer in _peers(layout, rank):
+        for peer in _peers(len(layout.shards), rank):
             if j < len(layout.buckets[rank]):
                 columns = _shift(layout.buckets[rank][j], own.start)
                 first = (peer if peer < rank else peer - 1) * k  # recv skips this rank's own rows
@@ -289,7 +289,7 @@ class GAFExchange:
         """Post round ``j`` of step 5: this rank's averaged bucket ``j`` to every rank, theirs to it."""
         rank = dist.get_rank(self.group)
         receives, sends = [], []
-        for peer in _peers(layout, rank):
+        for peer in _peers(len(layout.shards), rank):
             if j < len(layout.buckets[peer]):
                 receives.append((gradient[layout.buckets[peer][j]], peer))
             if j < len(layout.buckets[rank]):
@@ -542,8 +542,8 @@ def _shift(columns: slice, offset: int) -> slice:
     return slice(columns.start - offset, columns.stop - offset)
 
 
-def _peers(layout: _Layout, rank: int) -> list[int]:
-    return [peer for peer in range(len(layout.shards)) if peer != rank]
+def _peers(n: int, rank: int) -> list[int]:
+    return [peer for peer in range(n) if peer != rank]
 
 
 def _post(receives: list, sends: list, group: dist.ProcessGroup | None, tag: int) -> list[dist.Work]:
@@ -568,7 +568,7 @@ def _all_gather_small(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> 
         _all_gather_single(gathered.view(-1), tensor.reshape(-1), group=group)
         return gathered
     gathered[rank] = tensor
-    peers = [peer for peer in range(n) if peer != rank]
+    peers = _peers(n, rank)
     _wait(_post([(gathered[peer], peer) for peer in peers], [(tensor, peer) for peer in peers], group, _SMALL_TAG))
     return gathered
 
