@@ -1,25 +1,30 @@
 """The Gradient Agreement Filtering rule, computed from the Gram matrix.
 
 GAF (Chaubard, Eddy & Kochenderfer, 2024, Algorithm 1) walks the micro-gradients of a macrobatch
-in a fixed order: the first one starts a running sum ``S``; each next ``g_j`` joins it when its
-cosine distance ``1 - cos(g_j, S)`` is at most the threshold ``tau``. The update is ``S / c`` for
-``c`` accepted micro-gradients, and the step is skipped when no two agree (``c == 1``).
+in a fixed order: the first one starts a running sum `S`; each next `g_j` joins it when its
+cosine distance `1 - cos(g_j, S)` is at most the threshold `tau`. The update is `S / c` for `c`
+accepted micro-gradients, and the step is skipped when no two agree (`c == 1`).
 
 Every quantity the rule looks at is an inner product of micro-gradients, so it runs on the
-``M x M`` Gram matrix ``G = [<g_i, g_j>]`` alone. Keeping ``v = sum_{i accepted} G[i, :]`` and
-``s = |S|^2``, the cosine of a candidate is ``v[j] / sqrt(G[j, j] * s)``. That is what makes the
+`M x M` Gram matrix `G = [<g_i, g_j>]` alone. Keeping `v = sum_{i accepted} G[i, :]` and
+`s = |S|^2`, the cosine of a candidate is `v[j] / sqrt(G[j, j] * s)`. That is what makes the
 distributed exchange cheap (each process reduces a Gram matrix of its shard, never the vectors)
-and what makes order-robust variants affordable: ``"best_start"`` runs the rule from every
+and what makes order-robust variants affordable: `"best_start"` runs the rule from every
 starting micro-gradient at once and keeps the run that accepts the most.
 
-This module is pure math: no ``torch.distributed``. The exchange strategies build on it.
+[`Units`] cut the columns of a micro-gradient into consecutive ranges (parameter tensors, or
+groups of them) that are filtered each on its own: one Gram matrix per unit, all of them sums
+over disjoint columns of the same products, and one decision per unit. A unit can also be
+*averaged*: it takes the mean of every finite micro-gradient, whatever their agreement.
+
+This module is pure math: no `torch.distributed`. The exchange strategies build on it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +33,7 @@ __all__ = [
     "RULES",
     "Decision",
     "GAFResult",
+    "Units",
     "accepted_mean",
     "check_rule",
     "check_scale",
@@ -37,7 +43,7 @@ __all__ = [
     "gram_matrix",
     "inner_products",
     "mean_of_rows",
-    "stack_microgradients",
+    "as_rows",
 ]
 
 RULES = ("sequential", "best_start")
@@ -47,8 +53,8 @@ RULES = ("sequential", "best_start")
 AGREEMENT_TOLERANCE = 1e-6
 
 # Columns per chunk of the float32 Gram products, accumulated in float64: bounds the float32
-# rounding independently of P (measured: cosines within 2e-7 of exact for float32 input, 3e-6
-# for bfloat16, from 1K to 11M columns).
+# rounding independently of P (cosines within 2e-7 of exact for float32 input, 3e-6 for
+# bfloat16, from 1K to 11M columns).
 GRAM_CHUNK = 1 << 14
 
 # Elements of the block per batched product: bounds the float32 copy of half-precision input.
@@ -56,7 +62,7 @@ _GRAM_SPAN = 1 << 22
 
 
 def check_threshold(threshold: float) -> float:
-    """Return ``threshold`` as a float, or raise if it is not a cosine distance in [0, 2]."""
+    """Return `threshold` as a float, or raise if it is not a cosine distance in [0, 2]."""
     try:
         tau = float(threshold)
     except (TypeError, ValueError):
@@ -71,7 +77,7 @@ def check_threshold(threshold: float) -> float:
 
 
 def check_scale(scale: float) -> float:
-    """Return ``scale`` as a float, or raise if it is not a finite number."""
+    """Return `scale` as a float, or raise if it is not a finite number."""
     try:
         value = float(scale)
     except (TypeError, ValueError):
@@ -82,96 +88,232 @@ def check_scale(scale: float) -> float:
 
 
 def check_rule(rule: str) -> str:
-    """Return ``rule`` or raise if it is not one of :data:`RULES`."""
+    """Return `rule` or raise if it is not one of `RULES`."""
     if rule not in RULES:
         raise ValueError(f"Unknown GAF rule {rule!r}; choose one of {', '.join(map(repr, RULES))}.")
     return rule
 
 
+@dataclass(frozen=True)
+class Units:
+    """Consecutive column ranges of a flat micro-gradient, each filtered on its own.
+
+    Args:
+        sizes: columns of each unit, in order; they add up to the micro-gradient's length `P`
+            (e.g. `[p.numel() for p in params]` filters every parameter tensor on its own).
+        averaged: per unit, `True` to average it plainly (the mean of every finite
+            micro-gradient, as data parallelism would) instead of filtering it. Default: none.
+
+    Every unit gets its own Gram matrix and its own decision; a unit in which fewer than two
+    micro-gradients agree is skipped on its own.
+    """
+
+    sizes: tuple[int, ...]
+    averaged: tuple[bool, ...] = ()
+    bounds: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        sizes = tuple(int(s) for s in self.sizes)
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"Units need at least one unit and a positive size for each, got sizes {self.sizes!r}.")
+        averaged = tuple(bool(a) for a in self.averaged) if self.averaged else (False,) * len(sizes)
+        if len(averaged) != len(sizes):
+            raise ValueError(f"Units got {len(sizes)} sizes but {len(averaged)} averaged flags; give one flag per unit.")
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "averaged", averaged)
+        object.__setattr__(self, "bounds", (0, *np.cumsum(sizes).tolist()))
+
+    @classmethod
+    def whole(cls, p: int) -> Units:
+        """One filtered unit of `p` columns: the paper's whole-model rule."""
+        return cls((p,))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def numel(self) -> int:
+        return self.bounds[-1]
+
+    def segments(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int, int]]:
+        """The pieces `(lo, hi, unit)` of the columns `[start, stop)`, relative to `start`, in order."""
+        stop = self.numel if stop is None else stop
+        first = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        pieces = []
+        for unit in range(first, len(self.sizes)):
+            lo, hi = max(self.bounds[unit], start), min(self.bounds[unit + 1], stop)
+            if lo >= hi:
+                break
+            pieces.append((lo - start, hi - start, unit))
+        return pieces
+
+
 @dataclass
 class GAFResult:
-    """The outcome of filtering one macrobatch of ``M`` micro-gradients.
+    """The outcome of filtering one macrobatch of `M` micro-gradients.
+
+    Without [`Units`] every field describes the whole micro-gradients; with `U` units, the
+    per-micro-gradient fields gain a leading unit dimension (`[U, M]`).
 
     Attributes:
-        gradient: the filtered mean ``sum_i weights[i] * g_i`` (shape ``[P]``, the dtype of the
-            micro-gradients) times the ``scale`` asked for (default 1), or ``None`` when the
-            step is skipped.
-        accepted: bool ``[M]``, which micro-gradients entered the sum.
-        weights: float64 ``[M]``, ``1 / c`` for accepted micro-gradients and 0 otherwise.
-        distances: float64 ``[M]``, the cosine distance of each micro-gradient to the running sum
-            when the rule compared them; NaN where no comparison happened (the one that started
-            the sum, and excluded zero or non-finite micro-gradients).
-        skipped: True when fewer than two micro-gradients agree: the optimizer must not step.
-        start: index of the micro-gradient that started the sum (``-1`` if none could).
+        gradient: the filtered gradient `scale * sum_{i accepted} g_i / sum_{i accepted} sizes[i]`
+            (the mean of the accepted micro-gradients times `scale` when every size is 1),
+            shape `[P]`, the dtype of the micro-gradients; `None` when the step is skipped. The
+            columns of a skipped unit hold no meaningful values.
+        accepted: bool `[M]` (`[U, M]`), which micro-gradients entered the sum (on a skipped
+            step or unit, the one that started it).
+        weights: float64 `[M]` (`[U, M]`), `1 / sum(sizes[accepted])` for accepted
+            micro-gradients and 0 otherwise: `gradient = scale * sum_i weights[i] * g_i`.
+        distances: float64 `[M]` (`[U, M]`), the cosine distance of each micro-gradient to the
+            running sum when the rule compared them; NaN where no comparison happened.
+        excluded: bool `[M]` (`[U, M]`), micro-gradients left out because their norm is zero or
+            not finite: they never start or join the sum.
+        non_finite: bool `[M]`, micro-gradients holding an inf or NaN value.
+        skipped: True when no unit is updated (in no unit did two micro-gradients agree):
+            the optimizer must not step.
+        updated: bool `[U]`, the units that are updated (`[1]` without units).
+        start: index of the micro-gradient that started the sum (`-1` if none could); a long
+            `[U]` tensor with units.
+        threshold: the threshold the rule ran with.
+        sizes: float64 `[M]`, the sizes the weights come from (`None`: all 1).
     """
 
     gradient: torch.Tensor | None
     accepted: torch.Tensor
     weights: torch.Tensor
     distances: torch.Tensor
+    excluded: torch.Tensor
+    non_finite: torch.Tensor
     skipped: bool
-    start: int
+    updated: torch.Tensor
+    start: int | torch.Tensor
+    threshold: float
+    sizes: torch.Tensor | None = None
 
     @property
     def num_accepted(self) -> int:
+        """Accepted micro-gradients (summed over units)."""
         return int(self.accepted.sum())
 
     @property
     def num_microgradients(self) -> int:
-        return self.accepted.numel()
+        return self.accepted.shape[-1]
+
+    @property
+    def num_excluded(self) -> int:
+        """Micro-gradients left out for a zero or non-finite norm (in any unit)."""
+        excluded = self.excluded if self.excluded.dim() == 1 else self.excluded.any(0)
+        return int(excluded.sum())
 
 
-def stack_microgradients(grads: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Return the micro-gradients as one ``[M, P]`` floating tensor (flattening each one)."""
+def as_rows(grads: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Validate `M` micro-gradients and return them as rows, without copying them.
+
+    An `[M, P]` tensor is returned as it is; a sequence of `M` equally sized tensors (any shape)
+    becomes a list of flat views. The Gram matrix reads a list in spans of columns, copying one
+    span of every row at a time, so a list costs no `[M, P]` allocation; one `[M, P]` block (see
+    [`~hf_gaf.GradientBuffer`]) costs no copy at all.
+    """
     if isinstance(grads, torch.Tensor):
         if grads.dim() != 2:
             raise ValueError(f"Expected micro-gradients as an [M, P] tensor, got shape {tuple(grads.shape)}.")
-        block = grads
+        rows = grads if grads.stride(-1) == 1 else grads.contiguous()
+        first = rows
     else:
-        if len(grads) == 0:
+        rows = [g.reshape(-1) for g in grads]
+        if not rows:
             raise ValueError("Expected at least one micro-gradient, got none.")
-        sizes = {g.numel() for g in grads}
+        sizes = {row.numel() for row in rows}
         if len(sizes) != 1:
             raise ValueError(f"All micro-gradients must have the same number of elements, got sizes {sorted(sizes)}.")
-        block = torch.stack([g.reshape(-1) for g in grads])
-    if block.shape[0] == 0:
+        if len({(row.dtype, row.device) for row in rows}) != 1:
+            raise ValueError("All micro-gradients must have the same dtype and device.")
+        rows = [row if row.is_contiguous() else row.contiguous() for row in rows]
+        first = rows[0]
+    if len(rows) == 0:
         raise ValueError("Expected at least one micro-gradient, got none.")
-    if not block.is_floating_point():
-        raise TypeError(f"Micro-gradients must be floating point, got {block.dtype}.")
-    return block
+    if not first.is_floating_point():
+        raise TypeError(f"Micro-gradients must be floating point, got {first.dtype}.")
+    return rows
 
 
-def gram_matrix(block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Add the Gram matrix ``block @ block.T`` of an ``[M, n]`` block into a float64 ``[M, M]``.
+def _columns(rows: torch.Tensor | list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """Columns `[start, stop)` of the rows as one `[M, n]` tensor: a view of a block, a copy of a list's spans."""
+    if isinstance(rows, torch.Tensor):
+        return rows[:, start:stop]
+    return torch.stack([row[start:stop] for row in rows])
 
-    Products are taken in float32 (float64 for float64 input) over chunks of
-    :data:`GRAM_CHUNK` columns and accumulated in float64, so that half-precision gradients lose
-    nothing and long vectors lose little. The chunks go through one batched matrix product per
-    span of columns: a single ``[M, n] @ [n, M]`` product would round like one long float32 sum
-    (errors of 1e-4 at 10M columns), and a Python loop over chunks costs more than the reads.
-    Passing ``out`` accumulates into it (partial Gram matrices of shards add up); a block that
-    starts at a multiple of :data:`GRAM_CHUNK` of a longer vector has the same chunk products.
+
+def _numel(rows: torch.Tensor | list[torch.Tensor]) -> int:
+    return rows.shape[1] if isinstance(rows, torch.Tensor) else rows[0].numel()
+
+
+def gram_matrix(block: torch.Tensor | list[torch.Tensor], units: Units | None = None) -> torch.Tensor:
+    """The Gram matrix `block @ block.T` of `M` rows (see `as_rows`): float64 `[M, M]`, or `[U, M, M]` per unit.
+
+    Products are taken in float32 (float64 for float64 input) over chunks of `GRAM_CHUNK`
+    columns and accumulated in float64, so that half-precision gradients lose nothing and long
+    vectors lose little. The chunks go through one batched matrix product per span of columns: a
+    single `[M, P] @ [P, M]` product would round like one long float32 sum (errors of 1e-4 at
+    10M columns), and a Python loop over chunks costs more than the reads. A finite block whose
+    float32 products overflow is recomputed in float64, so an inf on the diagonal always means
+    an inf or NaN in the micro-gradient.
     """
-    return inner_products(block, block, out)
+    m, device = len(block), block[0].device
+    if units is None:
+        return inner_products(block, block)
+    out = torch.zeros(len(units), m, m, dtype=torch.float64, device=device)
+    return inner_products(block, block, out, segments=units.segments(0, _numel(block)))
 
 
-def inner_products(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Add ``x @ y.T`` of ``[A, n]`` and ``[B, n]`` blocks into a float64 ``[A, B]``, as :func:`gram_matrix` does.
+def inner_products(
+    x: torch.Tensor | list[torch.Tensor],
+    y: torch.Tensor | list[torch.Tensor],
+    out: torch.Tensor | None = None,
+    *,
+    segments: Sequence[tuple[int, int, int]] | None = None,
+) -> torch.Tensor:
+    """Add `x @ y.T` of `[A, n]` and `[B, n]` blocks into a float64 `[A, B]`, as `gram_matrix` computes it.
 
     The blocks of a Gram matrix whose rows live in different tensors (a process's own
-    micro-gradients and those it received) are computed without copying them into one.
-    Rows may be strided; columns must be contiguous.
+    micro-gradients and those it received) are computed without copying them into one. With
+    `segments`, pieces `(lo, hi, unit)` of the columns, the products of each piece are added
+    into `out[unit]` (an `[U, A, B]` tensor). Either block may also be a list of flat rows
+    (see `as_rows`). Rows may be strided; columns must be contiguous.
     """
-    (a, n), b = x.shape, y.shape[0]
-    if y.shape[1] != n:
-        raise ValueError(f"inner_products needs blocks of equal length, got {tuple(x.shape)} and {tuple(y.shape)}.")
+    n = _numel(x)
+    if _numel(y) != n:
+        raise ValueError(f"inner_products needs rows of equal length, got {n} and {_numel(y)} columns.")
+    if segments is None:
+        if out is None:
+            out = torch.zeros(len(x), len(y), dtype=torch.float64, device=x[0].device)
+        out += _products(x, y, 0, n)
+        return out
     if out is None:
-        out = torch.zeros(a, b, dtype=torch.float64, device=x.device)
-    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        raise ValueError("inner_products with segments needs out, an [U, A, B] float64 tensor.")
+    for lo, hi, unit in segments:
+        out[unit] += _products(x, y, lo, hi)
+    return out
+
+
+def _products(x, y, start: int, stop: int) -> torch.Tensor:
+    """Columns `[start, stop)` of `x @ y.T` in float64 from float32 chunk products, in float64 if float32 overflowed."""
+    dtype = x[0].dtype
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    products = _chunked_products(x, y, start, stop, wide)
+    if wide != torch.float64 and not bool(torch.isfinite(products).all()):
+        products = _chunked_products(x, y, start, stop, torch.float64)
+    return products
+
+
+def _chunked_products(x, y, first: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    a, b = len(x), len(y)
+    out = torch.zeros(a, b, dtype=torch.float64, device=x[0].device)
     span = max(1, _GRAM_SPAN // (max(a, b) * GRAM_CHUNK)) * GRAM_CHUNK
-    for start in range(0, n, span):
-        left = x[:, start : start + span].to(compute_dtype)
-        right = left if y is x else y[:, start : start + span].to(compute_dtype)
+    for start in range(first, stop, span):
+        end = min(start + span, stop)
+        left = _columns(x, start, end).to(dtype)
+        right = left if y is x else _columns(y, start, end).to(dtype)
         whole = left.shape[1] - left.shape[1] % GRAM_CHUNK
         if whole:
             lc, rc = (t[:, :whole].unflatten(1, (-1, GRAM_CHUNK)).transpose(0, 1) for t in (left, right))
@@ -183,62 +325,132 @@ def inner_products(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = 
 
 @dataclass
 class Decision:
-    """What the rule decides from a Gram matrix; see :class:`GAFResult` for the fields."""
+    """What the rule decides from the Gram matrices of `U` units (arrays `[U, M]`); see `GAFResult`."""
 
-    accepted: torch.Tensor
-    weights: torch.Tensor
-    distances: torch.Tensor
-    skipped: bool
-    start: int
+    accepted: np.ndarray
+    weights: np.ndarray
+    distances: np.ndarray
+    excluded: np.ndarray
+    non_finite: np.ndarray
+    updated: np.ndarray
+    start: np.ndarray
+    threshold: float
+    sizes: np.ndarray | None = None
+
+    @property
+    def skipped(self) -> bool:
+        return not bool(self.updated.any())
+
+    def result(self, gradient: torch.Tensor | None, per_unit: bool) -> GAFResult:
+        """The `GAFResult` of this decision; without `per_unit` the unit dimension is dropped."""
+
+        def view(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array if per_unit else array[0])
+
+        return GAFResult(
+            gradient=None if self.skipped else gradient,
+            accepted=view(self.accepted),
+            weights=view(self.weights),
+            distances=view(self.distances),
+            excluded=view(self.excluded),
+            non_finite=torch.from_numpy(self.non_finite),
+            skipped=self.skipped,
+            updated=torch.from_numpy(self.updated),
+            start=torch.from_numpy(self.start) if per_unit else int(self.start[0]),
+            threshold=self.threshold,
+            sizes=None if self.sizes is None else torch.from_numpy(self.sizes),
+        )
 
 
-def decide(gram: torch.Tensor, threshold: float, rule: str = "sequential") -> Decision:
-    """Run the GAF rule on a Gram matrix of ``M`` micro-gradients in canonical order.
+def decide(
+    gram: torch.Tensor,
+    threshold: float,
+    rule: str = "sequential",
+    *,
+    sizes: torch.Tensor | Sequence[float] | None = None,
+    averaged: Sequence[bool] | None = None,
+) -> Decision:
+    """Run the GAF rule on the Gram matrix of `M` micro-gradients (`[M, M]`, or `[U, M, M]` per unit).
 
-    ``"sequential"`` is the paper's Algorithm 1. ``"best_start"`` runs it from every start (the
+    `"sequential"` is the paper's Algorithm 1. `"best_start"` runs it from every start (the
     others taken cyclically in canonical order) and keeps the run accepting the most
     micro-gradients, the lowest start on ties. Zero or non-finite micro-gradients (non-finite or
-    non-positive diagonal) never start or join the sum. The answer is a deterministic function of
-    ``gram``, so identical Gram matrices give identical decisions on every process.
+    non-positive diagonal) never start or join the sum. Units flagged in `averaged` accept every
+    finite micro-gradient instead. `sizes` (default all 1) set the weights, `1 / sum(sizes)`
+    over the accepted ones; a micro-gradient of size 0 is absent (neither compared, accepted nor
+    counted as excluded). The answer is a deterministic function of its inputs, so identical
+    Gram matrices give identical decisions on every process.
     """
     tau = check_threshold(threshold)
     check_rule(rule)
-    gram = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
-    m = gram.shape[0]
-    diag = np.diagonal(gram)
+    grams = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if grams.ndim == 2:
+        grams = grams[None]
+    u, m = grams.shape[0], grams.shape[-1]
+    given = None if sizes is None else np.asarray(torch.as_tensor(sizes, dtype=torch.float64))
+    sizes = np.ones(m) if given is None else given
+    averaged = np.zeros(u, dtype=bool) if averaged is None else np.asarray(averaged, dtype=bool)
+    present = sizes > 0  # size 0: absent this step
+    diag = np.diagonal(grams, axis1=1, axis2=2)  # [U, M]
+    finite = np.isfinite(diag)
     with np.errstate(invalid="ignore"):
-        valid = np.isfinite(diag) & (diag > 0)
+        valid = finite & (diag > 0) & present
     starts = np.arange(m) if rule == "best_start" else np.zeros(1, dtype=np.int64)
-    accepted, distances = _run_rule(gram, valid, starts, tau)
-    counts = accepted.sum(axis=1)
-    best = int(np.argmax(counts))  # argmax returns the first maximum: lowest start wins ties
-    count = int(counts[best])
-    skipped = count < 2
-    weights = np.zeros(m)
-    if not skipped:
-        weights[accepted[best]] = 1.0 / count
-    order = np.roll(np.arange(m), -int(starts[best]))
-    candidates = order[valid[order]]
-    first = int(candidates[0]) if candidates.size else -1
+
+    accepted, distances = _run_rule(grams, valid, starts, tau)  # [U, R, M]
+    counts = accepted.sum(axis=2)
+    best = np.argmax(counts, axis=1)  # argmax returns the first maximum: lowest start wins ties
+    units = np.arange(u)
+    accepted, distances = accepted[units, best], distances[units, best]
+    first_valid = np.array([_first(np.roll(valid[i], -int(starts[best[i]]))) for i in range(u)])
+    start = np.where(first_valid >= 0, (first_valid + starts[best]) % m, -1)
+    updated = counts[units, best] >= 2
+
+    accepted[averaged] = finite[averaged] & present
+    distances[averaged] = math.nan
+    updated[averaged] = accepted[averaged].any(axis=1)
+    start[averaged] = -1
+
+    weights = np.zeros((u, m))
+    totals = (accepted * sizes).sum(axis=1)
+    rows = updated & (totals > 0)
+    weights[rows] = accepted[rows] / totals[rows, None]
+    excluded = ~valid & present
+    excluded[averaged] = ~finite[averaged] & present
     return Decision(
-        accepted=torch.from_numpy(accepted[best].copy()),
-        weights=torch.from_numpy(weights),
-        distances=torch.from_numpy(distances[best].copy()),
-        skipped=skipped,
-        start=first,
+        accepted=accepted,
+        weights=weights,
+        distances=distances,
+        excluded=excluded,
+        non_finite=~finite.all(axis=0) & present,
+        updated=updated,
+        start=start.astype(np.int64),
+        threshold=tau,
+        sizes=given,
     )
 
 
-def _run_rule(gram: np.ndarray, valid: np.ndarray, starts: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
-    """Run Algorithm 1 from each start at once; returns ``accepted`` and ``distances``, ``[R, M]``.
+def _first(mask: np.ndarray) -> int:
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if hits.size else -1
 
-    A loop of ``M`` steps over tiny arrays: numpy takes microseconds per step where torch takes
-    a hundred (10 ms per optimizer step at M = 64), with the same float64 arithmetic.
+
+def _run_rule(
+    grams: np.ndarray, valid: np.ndarray, starts: np.ndarray, tau: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run Algorithm 1 for every unit from each start at once; `accepted` and `distances`, `[U, R, M]`.
+
+    A loop of `M` steps over tiny arrays: numpy takes microseconds per step where torch takes
+    a hundred, with the same float64 arithmetic.
     """
-    m, runs = gram.shape[0], starts.size
+    u, m = valid.shape
+    r = starts.size
+    runs = u * r
+    unit = np.repeat(np.arange(u), r)
+    first = np.tile(starts, u)
     rows = np.arange(runs)
-    safe_gram = np.where(valid[:, None] & valid[None, :], gram, 0.0)
-    norms = np.sqrt(np.diagonal(safe_gram))
+    safe = np.where(valid[:, :, None] & valid[:, None, :], grams, 0.0)
+    norms = np.sqrt(np.diagonal(safe, axis1=1, axis2=2))  # [U, M]
     accepted = np.zeros((runs, m), dtype=bool)
     distances = np.full((runs, m), math.nan)
     v = np.zeros((runs, m))  # sum of Gram rows of accepted micro-gradients
@@ -247,34 +459,39 @@ def _run_rule(gram: np.ndarray, valid: np.ndarray, starts: np.ndarray, tau: floa
     tiny = np.finfo(np.float64).tiny
     with np.errstate(divide="ignore", invalid="ignore"):
         for offset in range(m):
-            j = (starts + offset) % m
-            ok = valid[j]
+            j = (first + offset) % m
+            ok = valid[unit, j]
             start_now = ok & ~started
-            dist = 1.0 - v[rows, j] / (norms[j] * np.sqrt(np.maximum(s, tiny)))
+            dist = 1.0 - v[rows, j] / (norms[unit, j] * np.sqrt(np.maximum(s, tiny)))
             compared = ok & started
             join = compared & (dist <= tau + AGREEMENT_TOLERANCE)
             distances[rows[compared], j[compared]] = dist[compared]
             take = start_now | join
             accepted[rows[take], j[take]] = True
-            s = np.where(take, s + 2.0 * v[rows, j] + safe_gram[j, j], s)
-            v = np.where(take[:, None], v + safe_gram[j], v)
+            s = np.where(take, s + 2.0 * v[rows, j] + safe[unit, j, j], s)
+            v = np.where(take[:, None], v + safe[unit, j], v)
             started |= start_now
-    return accepted, distances
+    return accepted.reshape(u, r, m), distances.reshape(u, r, m)
 
 
 def mean_of_rows(
-    rows: Sequence[torch.Tensor], out: torch.Tensor | None = None, *, scale: float = 1.0
+    rows: Sequence[torch.Tensor],
+    out: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    denominator: float | None = None,
 ) -> torch.Tensor:
-    """Return ``scale * sum(rows) / len(rows)``, reading only ``rows``; written into ``out`` if given.
+    """Return `scale * sum(rows) / denominator` (default `len(rows)`), reading only `rows`; into `out` if given.
 
     The first row is copied and the others added in order, in float32 at least, then divided by
-    ``len(rows)`` (``scale == 1``), left alone (``scale == len(rows)``: the sum that gradient
-    accumulation would hold, at no extra pass) or multiplied by ``scale / len(rows)``: one fixed
+    the denominator (`scale == 1`), left alone (`scale == denominator`: the sum that gradient
+    accumulation would hold, at no extra pass) or multiplied by `scale / denominator`: one fixed
     arithmetic, so every caller (single process or any exchange) gets the same bits. Writes
-    straight into ``out`` (one pass per row) when no wider accumulator is needed.
+    straight into `out` (one pass per row) when no wider accumulator is needed.
     """
     if not rows:
         raise ValueError("mean_of_rows needs at least one row.")
+    denominator = float(len(rows)) if denominator is None else float(denominator)
     if out is None:
         out = torch.empty_like(rows[0])
     acc_dtype = torch.promote_types(out.dtype, torch.float32)
@@ -286,25 +503,55 @@ def mean_of_rows(
     for row in rest:
         acc.add_(row)
     if scale == 1.0:
-        acc.div_(len(rows))
-    elif scale != len(rows):
-        acc.mul_(scale / len(rows))
+        acc.div_(denominator)
+    elif scale != denominator:
+        acc.mul_(scale / denominator)
     if acc is not out:
         out.copy_(acc)
     return out
 
 
 def accepted_mean(
-    block: torch.Tensor, accepted: torch.Tensor, out: torch.Tensor | None = None, *, scale: float = 1.0
+    rows: torch.Tensor | list[torch.Tensor],
+    decision: Decision,
+    out: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    sizes: torch.Tensor | Sequence[float] | None = None,
+    units: Units | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Return ``scale * S / c``: the mean of the accepted rows of ``block`` (see :func:`mean_of_rows`).
+    """Write `scale * sum_{i accepted} g_i / sum_{i accepted} sizes[i]` of every updated unit into `out`.
 
-    Rejected rows are never read, so an excluded NaN micro-gradient cannot leak into the result.
+    `rows` are the `M` micro-gradients (an `[M, n]` tensor or a list of flat rows, see
+    `as_rows`): the columns `[start, start + n)` of the whole micro-gradients, for `units`
+    that span several shards. Rejected rows are never read, so an excluded NaN micro-gradient
+    cannot leak into the result; the columns of skipped units are left as they are.
+    Consecutive units with the same accepted rows are averaged in one pass.
     """
-    rows = torch.nonzero(accepted.cpu()).flatten().tolist()
-    if not rows:
-        raise ValueError("accepted_mean needs at least one accepted micro-gradient.")
-    return mean_of_rows([block[i] for i in rows], out, scale=scale)
+    n = _numel(rows)
+    if out is None:
+        out = torch.empty(n, dtype=rows[0].dtype, device=rows[0].device)
+    sizes = np.ones(len(rows)) if sizes is None else np.asarray(torch.as_tensor(sizes, dtype=torch.float64))
+    pieces = [(0, n, 0)] if units is None else units.segments(start, start + n)
+    run: tuple[int, int, tuple[int, ...]] | None = None
+    for lo, hi, unit in pieces:
+        chosen = tuple(np.flatnonzero(decision.accepted[unit]).tolist()) if decision.updated[unit] else ()
+        if run is not None and run[2] == chosen and run[1] == lo:
+            run = (run[0], hi, chosen)
+            continue
+        _write_mean(rows, run, out, scale, sizes)
+        run = (lo, hi, chosen)
+    _write_mean(rows, run, out, scale, sizes)
+    return out
+
+
+def _write_mean(rows, run, out: torch.Tensor, scale: float, sizes: np.ndarray) -> None:
+    if run is None or not run[2]:
+        return
+    lo, hi, chosen = run
+    denominator = float(sizes[list(chosen)].sum())
+    mean_of_rows([rows[i][lo:hi] for i in chosen], out[lo:hi], scale=scale, denominator=denominator)
 
 
 def filter_microgradients(
@@ -314,28 +561,61 @@ def filter_microgradients(
     rule: str = "sequential",
     out: torch.Tensor | None = None,
     scale: float = 1.0,
+    sizes: torch.Tensor | Sequence[float] | None = None,
+    units: Units | Sequence[int] | None = None,
 ) -> GAFResult:
-    """Filter ``M`` micro-gradients by agreement and average the ones that agree.
+    """Filter `M` micro-gradients by agreement and average the ones that agree.
 
     Args:
-        grads: an ``[M, P]`` tensor, or a sequence of ``M`` tensors of equal size (any shape and
-            floating dtype; each is flattened), in canonical order.
-        threshold: cosine-distance threshold ``tau`` in [0, 2]; 2 admits every finite, non-zero
+        grads: an `[M, P]` tensor, or a sequence of `M` tensors of equal size (any shape and
+            floating dtype), in canonical order; read in place (see `as_rows`).
+        threshold: cosine-distance threshold `tau` in [0, 2]; 2 admits every finite, non-zero
             micro-gradient, i.e. plain averaging.
-        rule: ``"sequential"`` (the paper's Algorithm 1) or ``"best_start"`` (order-robust).
-        out: optional ``[P]`` tensor to write the filtered gradient into (reused between steps
+        rule: `"sequential"` (the paper's Algorithm 1) or `"best_start"` (order-robust).
+        out: optional `[P]` tensor to write the filtered gradient into (reused between steps
             it saves an allocation of the model's size).
-        scale: multiplies the filtered mean, folded into its division: ``scale=K`` gives what
-            ``K`` accumulated backward passes would leave in ``.grad``, without an extra pass
-            when all ``K`` are accepted.
+        scale: multiplies the filtered gradient, folded into its division: `scale=K` gives what
+            `K` accumulated backward passes would leave in `.grad`, without an extra pass when
+            all `K` are accepted.
+        sizes: `[M]` items (tokens, samples) behind each micro-gradient, when each is a sum over
+            its items: the result is then `scale` times the mean per item over the accepted
+            micro-batches. Default: all 1, the mean of the accepted micro-gradients.
+        units: [`Units`], or the sizes of consecutive column ranges, each filtered on its own
+            (default: the whole micro-gradient, the paper's rule).
 
     Returns:
-        A :class:`GAFResult`; ``gradient`` is ``[P]`` in the input dtype, or None if skipped.
+        A [`GAFResult`]; `gradient` is `[P]` in the input dtype, or None if skipped.
     """
     check_threshold(threshold)
     check_rule(rule)
     scale = check_scale(scale)
-    block = stack_microgradients(grads)
-    decision = decide(gram_matrix(block), threshold, rule)
-    gradient = None if decision.skipped else accepted_mean(block, decision.accepted, out, scale=scale)
-    return GAFResult(gradient=gradient, **vars(decision))
+    rows = as_rows(grads)
+    units = _as_units(units, _numel(rows))
+    sizes = _check_sizes(sizes, len(rows))
+    decision = decide(
+        gram_matrix(rows, units), threshold, rule, sizes=sizes, averaged=None if units is None else units.averaged
+    )
+    gradient = None
+    if not decision.skipped:
+        gradient = accepted_mean(rows, decision, out, scale=scale, sizes=sizes, units=units)
+    return decision.result(gradient, per_unit=units is not None)
+
+
+def _as_units(units: Units | Sequence[int] | None, p: int) -> Units | None:
+    if units is None:
+        return None
+    units = units if isinstance(units, Units) else Units(tuple(units))
+    if units.numel != p:
+        raise ValueError(f"The units cover {units.numel} columns but the micro-gradients have P = {p}; their sizes must add up to P.")
+    return units
+
+
+def _check_sizes(sizes: torch.Tensor | Sequence[float] | None, m: int) -> torch.Tensor | None:
+    if sizes is None:
+        return None
+    sizes = torch.as_tensor(sizes, dtype=torch.float64).reshape(-1).cpu()
+    if sizes.numel() != m or not bool(torch.isfinite(sizes).all()) or bool((sizes < 0).any()):
+        raise ValueError(
+            f"sizes must hold one finite number >= 0 of items per micro-gradient ({m}), got {sizes.tolist()}."
+        )
+    return sizes

@@ -1,17 +1,14 @@
 """Tests of hf_gaf.exchange: single-process behaviour, and gloo process groups through torchrun.
 
-The multi-process tests run many cases per torchrun launch (process start is the cost) with the
-worker in tests/distributed/exchange_worker.py; every rank checks its result against
-``filter_microgradients`` on all micro-gradients and writes its raw bytes, compared here.
+Each multi-process launch runs all its cases (process start is the cost) with the worker in
+tests/distributed/exchange_worker.py; every rank checks its result against
+`filter_microgradients` on all micro-gradients and reports a digest of its bytes, which each
+pytest case compares across ranks.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,103 +20,99 @@ from hf_gaf import GAFExchange, filter_microgradients, gaf_all_reduce
 from hf_gaf.exchange import _Layout
 from hf_gaf.rule import GRAM_CHUNK
 
-WORKER = Path(__file__).parent / "distributed" / "exchange_worker.py"
-LAUNCH_TIMEOUT = 150  # seconds; a hang fails the test instead of blocking the suite
+from .distributed.exchange_worker import CASE_NAMES, ERROR_CASES
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(nproc: int, out_dir: Path, modes: str) -> None:
-    """Run the worker on ``nproc`` gloo processes (the modes in one launch)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(WORKER), str(out_dir), modes,
-    ]  # fmt: skip
-    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+LAUNCH_TIMEOUT = 240  # seconds; a hang fails the test instead of blocking the suite
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    """``launched(nproc)``: the output directory of the one launch at that world size.
+def launched(tmp_path_factory, torchrun):
+    """`launched(nproc, mode)`: the per-rank reports of the one launch of that mode at that world size."""
+    done: dict[tuple[int, str], list[dict]] = {}
 
-    3 processes also run the error cases, in the same launch: starting the processes is the cost.
-    4 processes run only a subgroup of 3.
-    """
-    done: dict[int, Path] = {}
-
-    def launch(nproc: int) -> Path:
-        if nproc not in done:
-            out_dir = tmp_path_factory.mktemp(f"exchange{nproc}")
-            torchrun(nproc, out_dir, {2: "cases", 3: "cases,errors", 4: "subgroup"}[nproc])
-            done[nproc] = out_dir
-        return done[nproc]
+    def launch(nproc: int, mode: str) -> list[dict]:
+        if (nproc, mode) not in done:
+            out_dir = tmp_path_factory.mktemp(f"exchange{nproc}{mode}")
+            torchrun(["-m", "tests.distributed.exchange_worker", str(out_dir), mode], nproc, timeout=LAUNCH_TIMEOUT)
+            done[nproc, mode] = [json.loads((out_dir / f"{mode}-rank{r}.json").read_text()) for r in range(nproc)]
+        return done[nproc, mode]
 
     return launch
 
 
-def reports(out_dir: Path, mode: str, nproc: int) -> list[dict]:
-    return [json.loads((out_dir / f"{mode}-rank{r}.json").read_text()) for r in range(nproc)]
-
-
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_matches_single_process_on_every_rank(launched, nproc):
-    out_dir = launched(nproc)
-    per_rank = reports(out_dir, "cases", nproc)
-    assert len(per_rank[0]) > 50
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_matches_single_process_bit_identically_on_every_rank(launched, nproc, case):
+    per_rank = [report[case] for report in launched(nproc, "cases")]
     for rank, report in enumerate(per_rank):
-        assert report.keys() == per_rank[0].keys()
-        failures = {case: problems for case, problems in report.items() if problems}
-        assert not failures, f"rank {rank}: {failures}"
-    blobs = [(out_dir / f"cases-rank{r}.bin").read_bytes() for r in range(nproc)]
-    assert all(blob == blobs[0] for blob in blobs), "results are not bit-identical across ranks"
+        assert not report["problems"], f"rank {rank}: {report['problems']}"
+    assert len({report["digest"] for report in per_rank}) == 1, "results are not bit-identical across ranks"
 
 
-def test_subgroup_of_three_of_four_processes(launched):
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("exchange", ["sharded", "all_gather"])
+def test_subgroup_of_three_of_four_processes(launched, exchange):
     """Group ranks 0-2 are global ranks 1-3; with 3 members every small all-gather is point to point."""
-    out_dir = launched(4)
-    for rank, report in enumerate(reports(out_dir, "subgroup", 4)):
-        assert report == {"subgroup-sharded": [], "subgroup-all_gather": []}, f"rank {rank}: {report}"
-    blobs = [(out_dir / f"subgroup-rank{r}.bin").read_bytes() for r in range(4)]
-    assert blobs[0] == b"" and blobs[1], "rank 0 is not a member; the members report their results"
-    assert blobs[1] == blobs[2] == blobs[3], "results are not bit-identical across the group"
+    reports = launched(4, "subgroup")
+    assert reports[0] == {}, "rank 0 is not a member"
+    members = [report[exchange] for report in reports[1:]]
+    assert all(not member["problems"] for member in members), members
+    assert len({member["digest"] for member in members}) == 1
 
 
-def test_errors_raise_on_every_rank(launched):
-    nproc, out_dir = 3, launched(3)
-    per_rank = reports(out_dir, "errors", nproc)
-    on_every_rank = {
-        "threshold-all": "[0, 2]",
-        "threshold-mismatch": "threshold is [0.9, 0.97, 0.97]",
-        "rule-mismatch": "rule is ['best_start', 'sequential', 'sequential']",
-        "exchange-mismatch": "exchange is ['sharded', 'all_gather', 'sharded']",
-        "K-mismatch": "K is [2, 1, 1]",
-        "P-mismatch": "P is [100, 100, 99]",
-        "dtype-mismatch": "dtype is ['torch.float16', 'torch.float32', 'torch.float32']",
-        "scale-mismatch": "scale is [1.0, 2.0, 1.0]",
-    }
-    # Case: (the rank with the bad argument, what its error says, what the others' errors say).
-    on_one_rank = {
-        "threshold-one-rank": (2, "[0, 2], got 3.0", "rank 2: threshold outside [0, 2]"),
-        "rule-one-rank": (0, "Unknown GAF rule 'bogus'", "rank 0: unknown rule"),
-        "exchange-one-rank": (1, "Unknown GAF exchange 'bogus'", "rank 1: unknown exchange"),
-        "not-2d-one-rank": (0, "[K, P] tensor", "rank 0: invalid micro-gradients or out"),
-        "bad-out-one-rank": (1, "out must be a [100]", "rank 1: invalid micro-gradients or out"),
-        "scale-one-rank": (2, "scale must be a finite number, got inf", "rank 2: scale not a finite number"),
-    }
-    for rank, report in enumerate(per_rank):
-        for case, needle in on_every_rank.items():
-            assert needle in report[case], f"rank {rank}, {case}: {report[case]}"
-        for case, (bad_rank, own, others) in on_one_rank.items():
+# Case: what every rank's error says.
+ON_EVERY_RANK = {
+    "threshold-all": "[0, 2]",
+    "threshold-mismatch": "threshold is [0.9, 0.97, 0.97]",
+    "rule-mismatch": "rule is ['best_start', 'sequential', 'sequential']",
+    "exchange-mismatch": "exchange is ['sharded', 'all_gather', 'sharded']",
+    "K-mismatch": "K is [2, 1, 1]",
+    "P-mismatch": "P is [100, 100, 99]",
+    "dtype-mismatch": "dtype is ['torch.float16', 'torch.float32', 'torch.float32']",
+    "bucket-mismatch": "bucket size is [16384, 1048576, 1048576]",
+    "units-mismatch": "number of units is [1, 2, 1]",
+    "scale-mismatch": "scale is [1.0, 2.0, 1.0]",
+}
+# Case: (the rank with the bad argument, what its error says, what the others' errors say).
+ON_ONE_RANK = {
+    "threshold-one-rank": (2, "[0, 2], got 3.0", "rank 2: threshold outside [0, 2]"),
+    "rule-one-rank": (0, "Unknown GAF rule 'bogus'", "rank 0: unknown rule"),
+    "scale-one-rank": (2, "scale must be a finite number, got inf", "rank 2: scale not a finite number"),
+    "sizes-one-rank": (0, "sizes must hold one finite number >= 0", "rank 0: invalid sizes"),
+    "bad-out-one-rank": (1, "out must be a [100]", "rank 1: invalid out"),
+    "not-2d-one-rank": (0, "[K, P] tensor", "invalid arguments on rank(s) [0]"),
+    "exchange-one-rank": (1, "Unknown GAF exchange 'bogus'", "invalid arguments on rank(s) [1]"),
+    "threshold-later-call": (0, "[0, 2], got 3.0", "rank 0: threshold outside [0, 2]"),
+}
+
+
+def test_every_error_case_is_checked():
+    assert set(ERROR_CASES) == set(ON_EVERY_RANK) | set(ON_ONE_RANK)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_errors_raise_on_every_rank(launched, case):
+    for rank, report in enumerate(launched(3, "errors")):
+        if case in ON_EVERY_RANK:
+            needle = ON_EVERY_RANK[case]
+        else:
+            bad_rank, own, others = ON_ONE_RANK[case]
             needle = own if rank == bad_rank else others
-            assert needle in report[case], f"rank {rank}, {case}: {report[case]}"
-        assert report["after-errors"] == [], "the process group is unusable after the errors"
+        assert needle in report[case], f"rank {rank}, {case}: {report[case]}"
+
+
+@pytest.mark.multiprocess
+def test_the_group_is_usable_after_the_errors(launched):
+    assert all(report["after-errors"] == [] for report in launched(3, "errors"))
+
+
+@pytest.mark.multiprocess
+def test_a_configuration_that_changes_on_one_rank_fails_on_every_rank_within_the_timeout(launched):
+    for rank, report in enumerate(launched(2, "timeout")):
+        assert report["outcome"].startswith("RuntimeError: GAF exchange:"), f"rank {rank}: {report['outcome']}"
+        assert "ddp_timeout" in report["outcome"] and report["seconds"] < 20, report
 
 
 # -- single process -------------------------------------------------------------------------------

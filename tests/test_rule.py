@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from hf_gaf.rule import GRAM_CHUNK, decide, filter_microgradients, gram_matrix, inner_products
+from hf_gaf.rule import GRAM_CHUNK, Units, decide, filter_microgradients, gram_matrix, inner_products
 
 MARGIN = 1e-5  # random cases closer than this to the threshold are ambiguous under rounding
 
@@ -222,7 +223,7 @@ def test_gram_matrix_accumulates_float32_chunks_in_float64():
     norms = exact.diagonal().sqrt()
     cosine_error = (gram - exact) / (norms[:, None] * norms[None, :])
     assert cosine_error.abs().max() < 1e-6
-    split = gram_matrix(block[:, 100:], out=gram_matrix(block[:, :100]))
+    split = inner_products(block[:, 100:], block[:, 100:], out=gram_matrix(block[:, :100]))
     assert ((split - gram) / (norms[:, None] * norms[None, :])).abs().max() < 1e-6
 
 
@@ -269,8 +270,9 @@ def test_decide_is_deterministic_and_works_from_gram_alone():
     vectors = torch.randn(16, 32, generator=gen, dtype=torch.float64) + 1.0
     gram = vectors @ vectors.T
     first, second = decide(gram, 0.97, "best_start"), decide(gram.clone(), 0.97, "best_start")
-    assert torch.equal(first.accepted, second.accepted) and torch.equal(first.weights, second.weights)
-    assert torch.equal(first.distances.isnan(), second.distances.isnan())
+    assert np.array_equal(first.accepted, second.accepted) and np.array_equal(first.weights, second.weights)
+    assert np.array_equal(first.distances, second.distances, equal_nan=True)
+    assert np.array_equal(first.accepted[0], filter_microgradients(vectors, 0.97, rule="best_start").accepted.numpy())
 
 
 @pytest.mark.parametrize("tau", [-0.01, 2.01, math.nan, "high"])
@@ -293,3 +295,80 @@ def test_malformed_inputs_are_refused():
         filter_microgradients(torch.ones(2, 3, dtype=torch.long), 1.0)
     with pytest.raises(ValueError, match="at least one"):
         filter_microgradients([], 1.0)
+
+
+# -- units, sizes and the float32 overflow ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["sequential", "best_start"])
+def test_every_unit_matches_brute_force_on_its_own_columns(rule):
+    gen = torch.Generator().manual_seed(11)
+    checked = partial = 0
+    for _ in range(150):
+        vectors, tau = random_case(gen)
+        p = vectors.shape[1]
+        cuts = sorted(set(torch.randint(1, p, (3,), generator=gen).tolist())) if p > 1 else []
+        sizes = [b - a for a, b in zip([0, *cuts], [*cuts, p])]
+        expected = [brute_force(vectors[:, a:b], tau, rule) for a, b in zip([0, *cuts], [*cuts, p])]
+        if min(margin for _, _, margin in expected) < MARGIN:
+            continue
+        result = filter_microgradients(vectors, tau, rule=rule, units=sizes)
+        assert result.accepted.shape == (len(sizes), vectors.shape[0])
+        for unit, ((accepted, mean, _), a, b) in enumerate(zip(expected, [0, *cuts], [*cuts, p])):
+            assert torch.nonzero(result.accepted[unit]).flatten().tolist() == accepted
+            assert bool(result.updated[unit]) == (mean is not None)
+            if mean is not None:
+                torch.testing.assert_close(result.gradient[a:b], mean, rtol=1e-9, atol=1e-12)
+        assert result.skipped == (not any(mean is not None for _, mean, _ in expected))
+        partial += 0 < int(result.updated.sum()) < len(sizes)
+        checked += 1
+    assert checked > 100 and partial > 5, "units must decide on their own, some updated and some skipped"
+
+
+def test_one_unit_is_the_whole_model_rule():
+    grads = torch.randn(5, 300, generator=torch.Generator().manual_seed(12)) + 1.0
+    whole, one = filter_microgradients(grads, 0.97), filter_microgradients(grads, 0.97, units=[300])
+    assert torch.equal(whole.gradient, one.gradient) and torch.equal(whole.accepted, one.accepted[0])
+
+
+def test_averaged_units_take_every_finite_microgradient():
+    grads = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 4.0], [-1.0, 0.0, math.nan]])
+    result = filter_microgradients(grads, 0.0, units=Units((2, 1), averaged=(False, True)))
+    assert result.accepted[1].tolist() == [True, True, False]  # zeros count, NaN does not
+    assert result.updated.tolist() == [False, True] and not result.skipped
+    assert result.gradient[2].item() == pytest.approx(3.0)
+    assert result.excluded[1].tolist() == [False, False, True]
+
+
+def test_sizes_weigh_the_accepted_microgradients_per_item():
+    grads = torch.tensor([[2.0, 2.0], [3.0, 3.0], [-5.0, -5.0]], dtype=torch.float64)
+    # Sums over 2, 3 and 4 items; the third disagrees: the per-item mean of the first two is 5 / 5.
+    result = filter_microgradients(grads, 0.5, sizes=[2, 3, 4], scale=1.0)
+    assert result.accepted.tolist() == [True, True, False]
+    assert result.gradient.tolist() == [1.0, 1.0]
+    assert result.weights.tolist() == [0.2, 0.2, 0.0]
+
+
+def test_size_zero_is_an_absent_microgradient():
+    grads = torch.tensor([[1.0, 1.0], [1.0, 1.1], [math.nan, 0.0]])
+    result = filter_microgradients(grads, 2.0, sizes=[1, 1, 0], scale=2.0)
+    assert result.accepted.tolist() == [True, True, False]
+    assert not result.excluded.any() and not result.non_finite.any()  # absent, not excluded
+    torch.testing.assert_close(result.gradient, grads[:2].sum(0))
+
+
+def test_finite_gradients_whose_float32_products_overflow_are_compared_in_float64():
+    grads = torch.randn(3, 1000, generator=torch.Generator().manual_seed(13)) * 1e20
+    grads[1] = grads[0] * 2
+    result = filter_microgradients(grads, 0.5)
+    assert not result.excluded.any() and not result.non_finite.any()
+    assert result.accepted[:2].all() and result.distances[1].item() == pytest.approx(0.0, abs=1e-9)
+    assert torch.isfinite(gram_matrix(grads)).all()
+
+
+def test_a_list_of_rows_gives_the_bits_of_a_block():
+    gen = torch.Generator().manual_seed(14)
+    block = torch.randn(4, 100_003, generator=gen)
+    rows = [row.clone() for row in block]
+    assert torch.equal(gram_matrix(rows), gram_matrix(block))
+    assert torch.equal(filter_microgradients(rows, 2.0).gradient, filter_microgradients(block, 2.0).gradient)
