@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_gaf.gradients import GradientBuffer
+from hf_gaf.gradients import GradientBuffer, available_memory, parameter_units
 
 
 def _model(dtype=torch.float32):
@@ -54,15 +54,13 @@ def test_frozen_parameters_are_left_out():
     assert all(p is not model[0].weight for p in buffer.params)
 
 
-def test_write_back_round_trips_and_scales():
+def test_write_back_round_trips():
     model = _model()
     buffer = GradientBuffer(model.parameters(), num_micro=1)
     grads = _backward(model, seed=3)
     row = buffer.capture(0)
     buffer.write_back(row.clone())
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
-    buffer.write_back(row.clone(), scale=3.0)
-    assert all(torch.allclose(p.grad, 3 * g) for p, g in zip(model.parameters(), grads))
 
 
 def test_write_back_allocates_missing_grad_in_each_parameter_dtype():
@@ -71,25 +69,51 @@ def test_write_back_allocates_missing_grad_in_each_parameter_dtype():
     buffer = GradientBuffer(model.parameters(), num_micro=2)
     assert buffer.buffer.dtype == torch.float32  # promoted from float32 and bfloat16
     flat = torch.linspace(-1, 1, buffer.numel, dtype=torch.float64)
-    buffer.write_back(flat, scale=2.0)
+    buffer.write_back(flat)
     for p, start in zip(buffer.params, buffer.offsets):
         assert p.grad is not None and p.grad.dtype == p.dtype and p.grad.device == p.device
         assert p.grad.shape == p.shape
-        expected = (2 * flat[start : start + p.numel()]).view(p.shape).to(p.dtype)
+        expected = flat[start : start + p.numel()].view(p.shape).float().to(p.dtype)
         assert torch.equal(p.grad, expected)
 
 
-def test_write_back_reuses_one_gradient_storage():
+def test_install_makes_every_grad_a_view_of_the_gradient():
     model = _model()
     buffer = GradientBuffer(model.parameters(), num_micro=1)
-    buffer.write_back(torch.ones(buffer.numel), scale=2.0)
+    buffer.gradient.fill_(5.0)  # an exchange writing its result straight into it (out=)
+    buffer.install()
     pointers = [p.grad.data_ptr() for p in model.parameters()]
+    assert all(bool((p.grad == 5.0).all()) for p in model.parameters())
     model.zero_grad(set_to_none=True)
-    storage = buffer.grad_storage
-    storage.fill_(5.0)  # an exchange writing its result straight into the storage (out=)
-    buffer.write_back(storage, scale=0.5)
-    assert [p.grad.data_ptr() for p in model.parameters()] == pointers
+    buffer.gradient.fill_(2.5)
+    buffer.install()
+    assert [p.grad.data_ptr() for p in model.parameters()] == pointers  # no allocation, no copy
+    assert buffer.gradient.data_ptr() == pointers[0]
     assert all(bool((p.grad == 2.5).all()) for p in model.parameters())
+
+
+def test_install_leaves_unselected_parameters_without_grad():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=1)
+    buffer.gradient.zero_()
+    buffer.install([True, False, True, False])
+    assert [p.grad is not None for p in model.parameters()] == [True, False, True, False]
+    with pytest.raises(ValueError, match="4 parameters"):
+        buffer.install([True])
+
+
+def test_received_records_the_parameters_that_got_a_gradient_this_step():
+    model = _model()
+    buffer = GradientBuffer(model.parameters(), num_micro=2)
+    with buffer.capturing(0):
+        model[0](torch.randn(2, 3)).sum().backward()  # only the first layer
+    assert buffer.received.tolist() == [True, True, False, False]
+    with buffer.capturing(1):
+        _backward_only(model, seed=1)
+    assert buffer.received.all()
+    with buffer.capturing(0):  # a new step starts at row 0
+        model[0](torch.randn(2, 3)).sum().backward()
+    assert buffer.received.tolist() == [True, True, False, False]
 
 
 def test_buffer_keeps_a_uniform_parameter_dtype():
@@ -168,3 +192,26 @@ def test_capturing_removes_its_hooks_even_after_an_error():
     assert torch.equal(buffer.buffer[0], torch.cat([g.reshape(-1) for g in grads]))
     with pytest.raises(RuntimeError, match="nested"), buffer.capturing(0), buffer.capturing(0):
         pass
+
+
+def test_parameter_units_order_parameters_unit_by_unit():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    named = list(model.named_parameters())
+    order, units = parameter_units(named, "model")
+    assert units is None and order == [p for _, p in named]
+    order, units = parameter_units(named, "tensor")
+    assert units.sizes == (12, 4, 8, 2) and not any(units.averaged)
+    order, units = parameter_units(named, "model", averaged=["bias"])
+    assert [p.numel() for p in order] == [12, 8, 4, 2] and units.sizes == (20, 6) and units.averaged == (False, True)
+    order, units = parameter_units(named, "group", group_by=r"\d+")
+    assert units.sizes == (16, 10) and order == [p for _, p in named]
+    with pytest.raises(ValueError, match="needs gaf_group_by"):
+        parameter_units(named, "group")
+    with pytest.raises(ValueError, match="Unknown GAF granularity"):
+        parameter_units(named, "layer")
+
+
+def test_required_bytes_count_the_rows_and_the_gradient():
+    model = _model()
+    assert GradientBuffer.required_bytes(model.parameters(), 3) == 4 * 26 * 4
+    assert available_memory(torch.device("cpu")) > 0
