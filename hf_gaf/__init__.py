@@ -1,34 +1,52 @@
 """Gradient Agreement Filtering (GAF) for the Hugging Face training stack.
 
-The math and the exchange import only torch; the Trainer integration (which pulls in
-transformers) loads on first use of ``GAFTrainer`` or ``GAFTrainingArguments``.
+The math (`rule`), the exchange across processes (`exchange`) and the gradient buffer
+(`gradients`) import only torch; the Trainer integration (`GAFMixin`, `GAFTrainer`,
+`GAFArguments`, which pull in transformers) and the TRL pairing (`GAFSFTTrainer`, which needs
+trl) load on first use. The paper's experiments live beside the library in `hf_gaf.train`.
 """
 
 from typing import TYPE_CHECKING
 
 from .exchange import EXCHANGES, GAFExchange, gaf_all_reduce
 from .gradients import GradientBuffer
-from .rule import RULES, GAFResult, filter_microgradients
+from .rule import RULES, GAFResult, Units, filter_microgradients
 
 if TYPE_CHECKING:
-    from .trainer import GAFTrainer
-    from .training_args import GAFTrainingArguments
+    from .arguments import GAFArguments, GAFTrainingArguments
+    from .state import GAFState
+    from .trainer import GAFMixin, GAFTrainer
+    from .trl import GAFSFTConfig, GAFSFTTrainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EXCHANGES",
     "RULES",
+    "GAFArguments",
     "GAFExchange",
+    "GAFMixin",
     "GAFResult",
+    "GAFSFTConfig",
+    "GAFSFTTrainer",
+    "GAFState",
     "GAFTrainer",
     "GAFTrainingArguments",
     "GradientBuffer",
+    "Units",
     "filter_microgradients",
     "gaf_all_reduce",
 ]
 
-_LAZY = {"GAFTrainer": ".trainer", "GAFTrainingArguments": ".training_args"}
+_LAZY = {
+    "GAFArguments": ".arguments",
+    "GAFTrainingArguments": ".arguments",
+    "GAFState": ".state",
+    "GAFMixin": ".trainer",
+    "GAFTrainer": ".trainer",
+    "GAFSFTConfig": ".trl",
+    "GAFSFTTrainer": ".trl",
+}
 
 
 def __getattr__(name: str):

@@ -1,45 +1,43 @@
-"""`GAFTrainer`: the Hugging Face `Trainer` with Gradient Agreement Filtering.
+"""`GAFMixin`: Gradient Agreement Filtering for any `transformers.Trainer` subclass; `GAFTrainer`.
 
-A drop-in subclass: the Trainer's own loop, callbacks, logging, checkpointing and Accelerate setup
-run unchanged, and four hooks change what happens to gradients:
+`class MyGAFTrainer(GAFMixin, MyTrainer)` keeps everything `MyTrainer` does (its loss, logging,
+callbacks, data) and changes what happens to gradients, through public seams of the Trainer:
 
-* `training_step` runs each forward/backward pass with DDP's gradient all-reduce disabled and
-  moves each parameter's gradient into one row of a `[K, P]` buffer as the backward pass
-  produces it: one micro-gradient per pass.
+* `training_step` runs each forward/backward pass (the subclass's own) with DDP's gradient
+  all-reduce disabled and moves each parameter's gradient into one row of a `[K, P]` buffer as
+  the backward pass produces it: one micro-gradient per pass.
 * At the last pass of an optimizer step (`accelerator.sync_gradients`), the micro-gradients of
-  every process go through one `GAFExchange` call (the GAF all-reduce) and the filtered gradient
-  is written into `.grad`, scaled as the plain Trainer's accumulated gradient would be. The
-  Trainer then clips and steps as usual.
-* If no two micro-gradients agree the step is skipped exactly like an fp16 overflow is: the
-  optimizer (and its grad scaler) does not step, the Trainer sees
-  `accelerator.optimizer_step_was_skipped` and leaves the LR scheduler alone, and `global_step`
-  still advances so `max_steps`, logging and saving keep their meaning.
-* `log` adds the `gaf/` statistics of the logging window (see `GAFStatistics`).
+  every process go through one `GAFExchange` call (the GAF all-reduce), and `.grad` becomes the
+  filtered gradient, at the scale of the plain Trainer's accumulated gradient. Parameters that
+  got no gradient in any pass on any process keep `.grad = None`. The Trainer then clips and
+  steps as usual.
+* When nothing is updated the step is skipped: a callback around the optimizer step turns it
+  into a no-op (no parameter, optimizer-state or grad-scaler update) that the Trainer recognises
+  as skipped, so the LR scheduler stays put; `global_step` still advances.
+* `log` adds the `gaf/` statistics; `train` returns the run's GAF summary with its metrics.
+
+What this needs beyond public API is in `hf_gaf.compat`, checked at construction.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
-import datasets
+import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate.utils import DistributedType
-from torch import nn
-from torch.utils.data import DataLoader
-from transformers import Trainer
-from transformers.trainer_utils import seed_worker
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .data import ClassBalancedBatchSampler
-from .data.columns import column_as_numpy
+from . import compat
+from .arguments import GAFTrainingArguments, check_gaf_arguments
 from .exchange import DEFAULT_BUCKET_SIZE, GAFExchange
-from .gradients import GradientBuffer
-from .rule import GAFResult
-from .statistics import GAFStatistics
-from .training_args import GAFTrainingArguments
+from .gradients import GradientBuffer, available_memory, parameter_units
+from .rule import GAFResult, Units
+from .state import GAFState
 
-__all__ = ["GAFTrainer"]
+__all__ = ["GAFMixin", "GAFTrainer"]
 
 logger = logging.get_logger(__name__)
 
@@ -51,46 +49,44 @@ _UNSUPPORTED = {
 }
 
 
-class GAFTrainer(Trainer):
-    """[`~transformers.Trainer`] that filters micro-gradients by agreement instead of averaging them.
+class GAFMixin:
+    """Gradient Agreement Filtering for a [`~transformers.Trainer`] subclass: `class T(GAFMixin, MyTrainer)`.
 
     Every forward/backward pass on every process is one micro-gradient; the `world_size x
     gradient_accumulation_steps` micro-gradients of an optimizer step are filtered with the GAF
-    rule (`args.gaf_threshold`, `args.gaf_rule`) over the Trainer's own process group, and the
-    mean of the accepted ones replaces the plain average. With `gaf_threshold=2` training is the
-    plain Trainer's, up to float rounding.
+    rule over the Trainer's own process group, and the mean of the accepted ones replaces the
+    plain average. With `gaf_threshold=2` training is the plain Trainer's (or the subclass's), up
+    to float rounding.
+
+    The options come from `self.args`, which must carry the fields of [`GAFArguments`]
+    ([`GAFTrainingArguments`], or `@dataclass class C(GAFArguments, MyTrainingArguments)`).
 
     Supported: a single process (with `gradient_accumulation_steps >= 2`) and data parallelism
     launched by `accelerate launch` or `torchrun` (DDP on CPU, CUDA and the other `MULTI_*`
-    backends), in fp32, bf16 and fp16 with loss scaling. DeepSpeed, FSDP, Megatron-LM, XLA and
-    tensor parallelism keep no unsharded per-process gradients, so they are refused at construction.
-
-    Args:
-        args: a [`GAFTrainingArguments`] (default: one with `output_dir="trainer_output"`).
-        *trainer_args, **trainer_kwargs: everything [`~transformers.Trainer`] takes.
+    backends), in fp32, bf16 and fp16 with loss scaling. DeepSpeed, FSDP, Megatron-LM, XLA,
+    tensor parallelism and `DataParallel` keep no unsharded per-process gradients (or several
+    devices per process), so they are refused at construction.
 
     Attributes:
-        gaf_last_result: the latest step's [`GAFResult`], identical on every process (its
-            `gradient`, `gradient_accumulation_steps x` the filtered mean, is the buffer behind
-            `.grad`, which the next step overwrites).
-        gaf_statistics: the [`GAFStatistics`] callback behind the `gaf/` logs.
+        gaf_state: the [`GAFState`] callback: switch (`gaf_enabled`), adaptive threshold and the
+            counts behind the `gaf/` logs, saved with checkpoints.
+        gaf_last_result: the latest step's [`GAFResult`], identical on every process.
     """
 
-    def __init__(self, model=None, args: GAFTrainingArguments | None = None, *trainer_args, **trainer_kwargs):
-        if args is None:
-            args = GAFTrainingArguments(output_dir="trainer_output")
-        if not isinstance(args, GAFTrainingArguments):
-            raise TypeError(
-                f"GAFTrainer needs GAFTrainingArguments, got {type(args).__name__}. Replace "
-                "`TrainingArguments(...)` with `hf_gaf.GAFTrainingArguments(...)` (same arguments plus gaf_*)."
-            )
-        trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), GAFStatistics()]
-        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_gaf_arguments(self.args)
+        compat.check_trainer(self)
         self._check_supported_setup()
-        self._gaf_exchange: GAFExchange | None = None
-        self._gaf_buffer: GradientBuffer | None = None
-        self._gaf_micro = 0
-        self._gaf_skipped = False
+        self.add_callback(
+            GAFState(
+                adaptive_window=self.args.gaf_adaptive_window,
+                adaptive_std=self.args.gaf_adaptive_std,
+                max_consecutive_skipped=self.args.gaf_max_consecutive_skipped_steps,
+            )
+        )
+        self.add_callback(_SkipHandler(self))
+        self._gaf: _Machinery | None = None
         self.gaf_last_result: GAFResult | None = None
 
     def _check_supported_setup(self) -> None:
@@ -98,12 +94,17 @@ class GAFTrainer(Trainer):
         if kind in _UNSUPPORTED or getattr(self, "is_distributed_loading_by_transformers", False):
             name = _UNSUPPORTED.get(kind, "tensor parallelism")
             raise ValueError(
-                f"GAFTrainer does not support {name}: GAF needs each process's full, unsharded micro-gradients. "
-                "Supported: a single process, or data parallelism (DDP) launched with `accelerate launch` or "
-                "`torchrun` (distributed types NO, MULTI_CPU, MULTI_GPU and the other MULTI_* backends)."
+                f"GAF does not support {name}: it needs each process's full, unsharded micro-gradients. Supported: "
+                "a single process, or data parallelism (DDP) launched with `accelerate launch` or `torchrun` "
+                "(distributed types NO, MULTI_CPU, MULTI_GPU and the other MULTI_* backends)."
+            )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"GAF does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process): launch one "
+                "process per GPU with `accelerate launch` or `torchrun`, or set CUDA_VISIBLE_DEVICES to one GPU."
             )
         world_size = self.accelerator.num_processes
-        launched = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        launched = dist.get_world_size() if dist.is_initialized() else 1
         if launched != world_size:
             raise ValueError(
                 f"{launched} processes were launched, but the Trainer trains on {world_size}: each process would train "
@@ -120,191 +121,277 @@ class GAFTrainer(Trainer):
             )
 
     @property
-    def gaf_statistics(self) -> GAFStatistics:
-        """The run's `GAFStatistics` callback (looked up each time: resuming may replace the instance)."""
+    def gaf_state(self) -> GAFState:
+        """The run's [`GAFState`] (looked up each time: resuming may replace the callback instance)."""
         for callback in self.callback_handler.callbacks:
-            if isinstance(callback, GAFStatistics):
+            if isinstance(callback, GAFState):
                 return callback
-        statistics = GAFStatistics()
-        self.add_callback(statistics)
-        return statistics
+        raise RuntimeError("The GAFState callback was removed from this Trainer; GAF cannot run without it.")
+
+    @property
+    def gaf_enabled(self) -> bool:
+        """Whether steps filter (True) or average every micro-gradient plainly (False); saved with checkpoints.
+
+        A callback may switch it (on every rank alike, e.g. from `state.global_step`), for GAF
+        after a warm-up of plain averaging.
+        """
+        return self.gaf_state.enabled
+
+    @gaf_enabled.setter
+    def gaf_enabled(self, enabled: bool) -> None:
+        self.gaf_state.switch(enabled)
 
     # -- gradients ----------------------------------------------------------------------------
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Fetch one optimizer step's micro-batches; a new macrobatch starts at row 0 of the buffer."""
-        self._gaf_micro = 0
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+    def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
+        """One forward/backward pass of the Trainer (subclass) without DDP's all-reduce, captured as a micro-gradient.
 
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | int | None = None
-    ) -> torch.Tensor:
-        """One forward/backward pass without DDP's all-reduce, captured as one micro-gradient.
-
-        The loss is normalised by the Trainer itself (by `current_gradient_accumulation_steps` or
+        The loss is normalised by the Trainer itself (by the accumulation steps or by
         `num_items_in_batch`), so each captured gradient is what the plain Trainer would add to
         `.grad`. At the last pass of the step the GAF exchange runs and fills `.grad`.
         """
-        buffer = self._gradient_buffer()
-        if self._gaf_micro >= buffer.num_micro:
-            raise RuntimeError(
-                f"GAFTrainer captured more than gradient_accumulation_steps={buffer.num_micro} micro-gradients "
-                "for one optimizer step; call training_step only from the Trainer's training loop."
-            )
-        with self.accelerator.no_sync(model), buffer.capturing(self._gaf_micro):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        self._gaf_micro += 1
+        machinery = self._gaf_machinery()
+        num_items_in_batch = args[0] if args else kwargs.get("num_items_in_batch")
+        machinery.items.append(self.gaf_num_items(inputs))
+        with self.accelerator.no_sync(model), machinery.buffer.capturing(machinery.passes):
+            loss = super().training_step(model, inputs, *args, **kwargs)
+        machinery.passes += 1
         if self.accelerator.sync_gradients:
-            self._apply_gaf(buffer)
+            self._gaf_step(machinery, num_items_in_batch)
         return loss
 
-    def _gradient_buffer(self) -> GradientBuffer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        buffer = self._gaf_buffer
-        if buffer is None or len(buffer.params) != len(params) or any(a is not b for a, b in zip(buffer.params, params)):
-            buffer = self._gaf_buffer = GradientBuffer(params, self.args.gradient_accumulation_steps)
-            bucket_size = self.args.gaf_bucket_size or DEFAULT_BUCKET_SIZE
-            self._gaf_exchange = GAFExchange(exchange=self.args.gaf_exchange, bucket_size=bucket_size)
-        return buffer
+    def gaf_num_items(self, inputs: dict[str, Any]) -> int | None:
+        """The items (label tokens) of one micro-batch, counted as the Trainer counts `num_items_in_batch`.
 
-    def _apply_gaf(self, buffer: GradientBuffer) -> None:
-        """Filter this step's micro-gradients over all processes and write the result into `.grad`.
-
-        The plain Trainer's gradient is `(1 / world_size) x` the sum of all `world_size x k`
-        captured gradients, i.e. `k x` their mean (DDP averages over processes, accumulation
-        sums the passes). GAF keeps that scale: `.grad = k x` the mean of the accepted ones,
-        computed by the exchange straight into the storage behind `.grad` (`scale=k`: when `k`
-        micro-gradients are accepted, that is their sum, with no division pass).
+        With token-normalised losses GAF weighs the accepted micro-batches by these counts; a
+        Trainer subclass that counts `num_items_in_batch` its own way overrides this to match.
         """
-        k, self._gaf_micro = self._gaf_micro, 0
-        result = self._gaf_exchange(
-            buffer.buffer[:k], self.args.gaf_threshold, self.args.gaf_rule, out=buffer.grad_storage, scale=k
-        )
-        excluded = self.gaf_statistics.update(result)
-        if excluded:
-            logger.warning(
-                f"GAF step {self.state.global_step + 1}: {excluded} of {result.num_microgradients} micro-gradients "
-                "had a zero or non-finite norm and were excluded."
+        return compat.count_items(self, inputs)
+
+    def _gaf_machinery(self) -> _Machinery:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self._gaf is None or not self._gaf.serves(named):
+            self._gaf = _Machinery.build(self, named)
+        if self._gaf.passes >= self._gaf.buffer.num_micro:
+            raise RuntimeError(
+                f"GAF captured more than gradient_accumulation_steps={self._gaf.buffer.num_micro} micro-gradients for "
+                "one optimizer step; call training_step only from the Trainer's training loop."
             )
-        scaler = self.accelerator.scaler
-        if excluded and scaler is not None and scaler.is_enabled():
-            # Loss scaling must see the overflow to lower its scale: hand it non-finite gradients so it
-            # skips this step and backs off, exactly as it would without GAF (same decision on every rank).
-            for p in buffer.params:
-                p.grad = torch.full_like(p, float("nan"))
-            self._set_skipped(False)
-        elif result.skipped:
-            self._set_skipped(True)
-        else:
-            buffer.write_back(result.gradient)  # already k x the mean, in grad_storage: installs the views
-            self._set_skipped(False)
-        self.gaf_last_result = result
+        return self._gaf
 
-    def _set_skipped(self, skipped: bool) -> None:
-        """Make the coming optimizer step a no-op that the Trainer recognises as skipped.
-
-        With `sync_gradients` False, `AcceleratedOptimizer.step` does nothing (no optimizer or
-        grad-scaler update: that is how accumulation steps work); the loop sets it again before
-        the next pass. `optimizer_step_was_skipped` (what an fp16 overflow sets) keeps the
-        Trainer from stepping the LR scheduler. With a grad scaler the optimizer overwrites that
-        flag on every real step; without one it is reset here.
-        """
-        self._gaf_skipped = skipped
-        if skipped:
-            self.accelerator.gradient_state._set_sync_gradients(False)
-        self.optimizer._is_overflow = skipped
-
-    def _clip_grad_norm(self, model):
-        if self._gaf_skipped:
-            return None
-        return super()._clip_grad_norm(model)
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        # A skipped step has no gradient; computing a norm would unscale fp16 gradients that the
-        # grad scaler then never steps on, which breaks its next step.
-        if self._gaf_skipped:
-            return None
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
-
-    # -- logging ------------------------------------------------------------------------------
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the `gaf/` statistics of the logging window to training logs (those with a `loss`)."""
-        if "loss" in logs:
-            logs.update(self.gaf_statistics.pop_logs())
-        super().log(logs, start_time)
-
-    # -- data -----------------------------------------------------------------------------------
-
-    def get_train_dataloader(self) -> DataLoader:
-        """The Trainer's train dataloader, or with `class_balanced_batches` one of class-balanced micro-batches.
-
-        The batch sampler yields micro-batches of `per_device_train_batch_size // num_classes`
-        samples of every class; `accelerator.prepare` hands whole batches to each process in
-        turn, so every micro-gradient (on every process and accumulation step) sees every class.
-        """
-        if not self.args.class_balanced_batches:
-            return super().get_train_dataloader()
-        if self.train_dataset is None:
-            raise ValueError("GAFTrainer: training requires a train_dataset.")
-        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
-            raise ValueError(
-                "class_balanced_batches needs a map-style train_dataset (with __len__ and indexing), not an "
-                "IterableDataset; turn it off or materialise the dataset."
-            )
-        labels = self._train_labels()
-        num_classes = self.args.class_balanced_num_classes or int(labels.max()) + 1
-        batch_size = self._train_batch_size
-        if batch_size % num_classes:
-            raise ValueError(
-                f"class_balanced_batches needs the per-device train batch size ({batch_size}) to be a multiple of "
-                f"the number of classes ({num_classes}); set --per_device_train_batch_size to e.g. "
-                f"{num_classes * max(1, batch_size // num_classes)}."
-            )
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        sampler = ClassBalancedBatchSampler(
-            labels,
-            batch_size // num_classes,
-            num_classes=num_classes,
-            seed=seed,
-            batches_per_step=self.accelerator.num_processes * self.args.gradient_accumulation_steps,
-        )
-        dataset, collator = self.train_dataset, self.data_collator
-        if isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="training")
-        else:
-            collator = self._get_collator_with_removed_columns(collator, description="training")
-        loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=self.args.dataloader_persistent_workers,
-            prefetch_factor=self.args.dataloader_prefetch_factor,
-            worker_init_fn=partial(
-                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
-            ),
-        )
-        return self.accelerator.prepare(loader)
-
-    def _train_labels(self) -> torch.Tensor:
-        column = self.args.class_balanced_label_column
-        dataset = self.train_dataset
+    def _gaf_step(self, machinery: _Machinery, num_items_in_batch) -> None:
+        """Filter this step's micro-gradients over all processes and install the result as `.grad`."""
+        passes, items = machinery.passes, machinery.items
+        machinery.passes, machinery.items = 0, []
+        state = self.gaf_state
+        scale, sizes = self._gaf_weighting(machinery, passes, items, num_items_in_batch)
+        threshold = state.threshold(self.args.gaf_threshold)
+        units = machinery.units if state.enabled else machinery.plain_units
+        received = machinery.received_anywhere()
         try:
-            if isinstance(dataset, datasets.Dataset):
-                values = column_as_numpy(dataset, column)
-            else:
-                values = [dataset[i][column] for i in range(len(dataset))]
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(
-                f"class_balanced_batches reads integer labels from column {column!r} of the train_dataset, which "
-                f"failed ({error}); set --class_balanced_label_column to the label column."
-            ) from None
-        labels = torch.as_tensor(values)
-        if labels.dim() != 1 or labels.dtype.is_floating_point:
-            raise ValueError(
-                f"class_balanced_batches needs one integer class label per sample in column {column!r}, got a "
-                f"{labels.dtype} tensor of shape {tuple(labels.shape)}."
+            result = machinery.exchange(
+                machinery.buffer.buffer, threshold, self.args.gaf_rule,
+                out=machinery.buffer.gradient, scale=scale, sizes=sizes, units=units,
+            )  # fmt: skip
+        except RuntimeError as error:
+            raise RuntimeError(f"GAF step {self.state.global_step + 1}: {error}") from error
+        if sizes is not None and num_items_in_batch is not None and compat.loss_is_normalised_by_items(self, num_items_in_batch):
+            machinery.check_item_counts(result, num_items_in_batch)
+        self.gaf_last_result = result
+        state.record(result, filtered_units=None if units is None else ~np.asarray(units.averaged))
+        buffer = machinery.buffer
+        scaler = self.accelerator.scaler
+        if bool(result.non_finite.any()) and scaler is not None and scaler.is_enabled():
+            # Loss scaling must see the overflow to lower its scale: hand it non-finite gradients, so it skips
+            # this step and backs off exactly as it would without GAF (the same decision on every rank).
+            buffer.gradient.fill_(float("nan"))
+            buffer.install(received)
+            skipped = False
+        elif result.skipped:
+            buffer.clear()
+            skipped = True
+        else:
+            buffer.install(received & machinery.updated_parameters(result))
+            skipped = False
+        if result.num_excluded:
+            logger.warning(
+                f"GAF step {self.state.global_step + 1}: {result.num_excluded} of {result.num_microgradients} "
+                f"micro-gradients were excluded ({int(result.non_finite.sum())} non-finite, the others zero)."
             )
-        return labels
+        machinery.skipped = skipped
+
+    def _gaf_weighting(self, machinery: _Machinery, passes: int, items: list, num_items_in_batch):
+        """The exchange's `scale` and `sizes`, so that the update is the plain Trainer's on the accepted micro-batches.
+
+        Per-micro-batch mean losses were divided by the step's passes `k`: the update is `k` x
+        the mean of the accepted micro-gradients. Token-normalised losses were divided by the
+        step's `num_items_in_batch` `n` (times the number of processes when they average tokens
+        across devices): the update is `n / c` x their sum over the accepted micro-batches'
+        items, the token mean over the accepted micro-batches.
+        """
+        k_max = machinery.buffer.num_micro
+        absent = [0.0] * (k_max - passes)
+        if not compat.loss_is_normalised_by_items(self, num_items_in_batch) or num_items_in_batch is None:
+            return float(passes), None if passes == k_max else [1.0] * passes + absent
+        if any(count is None for count in items):
+            raise ValueError(
+                "GAF weighs token-normalised losses by each micro-batch's items, but could not count them (no "
+                "'labels'); override gaf_num_items(inputs) to count them as your Trainer counts num_items_in_batch."
+            )
+        processes = self.accelerator.num_processes
+        if processes > 1 and not self.args.average_tokens_across_devices:
+            raise ValueError(
+                "GAF with token-normalised losses on several processes needs average_tokens_across_devices=True "
+                "(the Trainer's default), so that every micro-batch is normalised by the same token count."
+            )
+        total = float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        return total / processes, [float(count) for count in items] + absent
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the `gaf/` statistics of the logging window to training logs; no `grad_norm` for a skipped step."""
+        if "loss" in logs:
+            logs.update(self.gaf_state.pop_logs())
+            if self._gaf is not None and self._gaf.skipped:
+                logs.pop("grad_norm", None)
+        super().log(logs, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        """The Trainer's `train`; its metrics also hold the run's GAF summary (`gaf/skipped_fraction`, ...)."""
+        output = super().train(*args, **kwargs)
+        output.metrics.update(self.gaf_state.summary())
+        return output
+
+
+class GAFTrainer(GAFMixin, Trainer):
+    """[`~transformers.Trainer`] that filters micro-gradients by agreement instead of averaging them.
+
+    [`GAFMixin`] over the plain Trainer; see there for the contract.
+
+    Args:
+        args: a [`GAFTrainingArguments`] (default: one with `output_dir="trainer_output"`).
+        *trainer_args, **trainer_kwargs: everything [`~transformers.Trainer`] takes.
+    """
+
+    def __init__(self, model=None, args: GAFTrainingArguments | None = None, *trainer_args, **trainer_kwargs):
+        if args is None:
+            args = GAFTrainingArguments(output_dir="trainer_output")
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+
+
+class _Machinery:
+    """What one run's steps reuse: the buffer, its units, the exchange, and the step in progress."""
+
+    def __init__(self, trainer, named, order, units: Units | None):
+        self.named = named
+        self.buffer = GradientBuffer(order, trainer.args.gradient_accumulation_steps)
+        self.units = units
+        whole = Units.whole(self.buffer.numel) if units is None else units
+        self.plain_units = Units(whole.sizes, (True,) * len(whole))
+        self.unit_of_parameter = np.searchsorted(np.asarray(whole.bounds[1:]), np.asarray(self.buffer.offsets), side="right")
+        bucket_size = trainer.args.gaf_bucket_size or DEFAULT_BUCKET_SIZE
+        self.exchange = GAFExchange(exchange=trainer.args.gaf_exchange, bucket_size=bucket_size)
+        self.group = None
+        self.passes = 0
+        self.items: list[int | None] = []
+        self.skipped = False
+
+    @classmethod
+    def build(cls, trainer, named) -> _Machinery:
+        order, units = parameter_units(
+            named,
+            trainer.args.gaf_granularity,
+            group_by=trainer.args.gaf_group_by,
+            averaged=trainer.args.gaf_averaged_parameters,
+        )
+        _check_memory(trainer, order)
+        return cls(trainer, named, order, units)
+
+    def serves(self, named) -> bool:
+        return len(named) == len(self.named) and all(a[1] is b[1] for a, b in zip(named, self.named))
+
+    def received_anywhere(self) -> torch.Tensor:
+        """Which parameters got a gradient in any pass of this step on any process."""
+        received = self.buffer.received
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            counts = received.to(torch.int32).to(self.buffer.buffer.device)
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            received = counts.cpu().bool()
+        return received
+
+    def updated_parameters(self, result: GAFResult) -> torch.Tensor:
+        return result.updated[torch.from_numpy(self.unit_of_parameter)]
+
+    def check_item_counts(self, result: GAFResult, num_items_in_batch) -> None:
+        counted = float(result.sizes.sum())
+        expected = float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        if abs(counted - expected) > 0.5:
+            raise ValueError(
+                f"GAF counted {counted:g} items in this step's micro-batches, but the Trainer normalised the loss by "
+                f"num_items_in_batch={expected:g}, so the accepted micro-batches cannot be weighed. Override "
+                "gaf_num_items(inputs) to count the items of one micro-batch as your Trainer counts them."
+            )
+
+
+def _check_memory(trainer, order) -> None:
+    """Log what GAF will allocate; refuse, naming K, P and the total, when it clearly does not fit."""
+    k = trainer.args.gradient_accumulation_steps
+    p = sum(param.numel() for param in order)
+    element = torch.finfo(order[0].dtype).bits // 8 if order[0].dtype.is_floating_point else 4
+    device = order[0].device
+    buffer = GradientBuffer.required_bytes(order, k)
+    exchange = GAFExchange(
+        exchange=trainer.args.gaf_exchange, bucket_size=trainer.args.gaf_bucket_size or DEFAULT_BUCKET_SIZE
+    ).receive_buffer_bytes(k, p, element)
+    total = buffer + exchange
+    logger.info(
+        f"GAF allocates {_gib(total)} on {device}: {k} x {p:,} micro-gradient buffer and the filtered gradient "
+        f"({_gib(buffer)}), and the exchange's receive buffer ({_gib(exchange)})."
+    )
+    free = available_memory(device)
+    if free is not None and total > free:
+        raise MemoryError(
+            f"GAF needs {_gib(total)} on {device} for K={k} micro-gradients of P={p:,} parameters "
+            f"({_gib(buffer)} for the [K+1, P] buffer, {_gib(exchange)} for the exchange), but only {_gib(free)} "
+            "is available. Lower gradient_accumulation_steps (K) and raise per_device_train_batch_size or the "
+            "number of processes instead, or freeze parameters."
+        )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+class _SkipHandler(TrainerCallback):
+    """Turns the optimizer step of a skipped GAF step into a no-op the Trainer recognises as skipped.
+
+    Around `optimizer.step()`: with `sync_gradients` False, accelerate's optimizer step does
+    nothing (no optimizer or grad-scaler update: that is how accumulation steps work), and the
+    step is marked as skipped so the Trainer does not step the LR scheduler (unless
+    `gaf_skipped_steps_advance_scheduler`). A grad scaler that unscaled no gradients is reset to
+    its own scale, so its growth tracker is untouched.
+    """
+
+    def __init__(self, trainer: GAFMixin):
+        self.trainer = trainer
+
+    def _skipped(self) -> bool:
+        machinery = self.trainer._gaf
+        return machinery is not None and machinery.skipped
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._skipped():
+            self.trainer.accelerator.sync_gradients = False
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if not self._skipped():
+            if trainer.accelerator.scaler is None:
+                compat.mark_optimizer_step_skipped(trainer.optimizer, False)
+            return
+        trainer.accelerator.sync_gradients = True
+        compat.mark_optimizer_step_skipped(trainer.optimizer, not args.gaf_skipped_steps_advance_scheduler)
+        scaler = trainer.accelerator.scaler
+        if scaler is not None and scaler.is_enabled():
+            scaler.update(new_scale=scaler.get_scale())

@@ -1,18 +1,39 @@
-"""Tiny models, synthetic data and recorders shared by the GAFTrainer tests and their torchrun workers."""
+"""Tiny models, synthetic data, recorders and training helpers shared by the tests and their torchrun workers."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_gaf import GAFTrainer, GAFTrainingArguments
+from hf_gaf import GAFArguments, GAFMixin, GAFTrainer, GAFTrainingArguments
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 NUM_FEATURES = 8
 NUM_CLASSES = 3
+
+# TrainingArguments every test run shares: CPU, no logging integrations, no saving.
+BASE_OPTIONS = dict(
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=2,
+    max_steps=6,
+    learning_rate=0.05,
+    logging_steps=1,
+    seed=0,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+    ddp_find_unused_parameters=False,
+)
 
 
 class TinyClassifier(nn.Module):
@@ -25,6 +46,27 @@ class TinyClassifier(nn.Module):
 
     def forward(self, x, labels=None):
         logits = self.head(torch.tanh(self.hidden(x)))
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+class BranchyClassifier(TinyClassifier):
+    """A head that is never used, and a branch only micro-batches whose first label is 0 go through.
+
+    So in a step some parameters get no gradient at all (`unused`), and some get one in some
+    micro-batches only (`branch`): what LayerDrop, conditional computation and MoE experts do.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__(num_classes=num_classes)
+        self.branch = nn.Linear(16, 16)
+        self.unused = nn.Linear(16, num_classes)
+
+    def forward(self, x, labels=None):
+        hidden = torch.tanh(self.hidden(x))
+        if labels is not None and int(labels[0]) == 0:
+            hidden = hidden + torch.tanh(self.branch(hidden))
+        logits = self.head(hidden)
         loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
         return {"loss": loss, "logits": logits}
 
@@ -77,7 +119,7 @@ def parameter_digest(model: nn.Module) -> str:
 
 
 class Recorder(TrainerCallback):
-    """Records, after every optimizer step, a parameter digest, the learning rate and GAF's decision."""
+    """Records, after every optimizer step, a parameter digest and GAF's decision."""
 
     def __init__(self):
         self.trainer: Trainer | None = None
@@ -105,40 +147,60 @@ def train(
     resume_from_checkpoint: str | None = None,
     num_classes: int = NUM_CLASSES,
     model: nn.Module | None = None,
+    trainer_class: type[Trainer] | None = None,
+    args_class: type[TrainingArguments] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
     **overrides,
 ) -> tuple[Trainer, Recorder]:
-    """Train a `TinyClassifier` with `GAFTrainer` (or the plain `Trainer`) on CPU and return it."""
-    options = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_steps=6,
-        learning_rate=0.05,
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
-    )
-    options.update(overrides)
+    """Train a `TinyClassifier` (or `model`) with `GAFTrainer` (`gaf=False`: the plain `Trainer`) on CPU."""
+    options = {**BASE_OPTIONS, "output_dir": output_dir, **overrides}
     torch.manual_seed(model_seed)
     model = model if model is not None else TinyClassifier(num_classes=num_classes)
     recorder = Recorder()
     if gaf:
-        trainer = GAFTrainer(model=model, args=GAFTrainingArguments(**options), train_dataset=dataset or ClusterDataset(), callbacks=[recorder])
+        trainer_class, args_class = trainer_class or GAFTrainer, args_class or GAFTrainingArguments
     else:
+        trainer_class, args_class = trainer_class or Trainer, args_class or TrainingArguments
         options = {k: v for k, v in options.items() if not k.startswith("gaf_")}
-        trainer = Trainer(model=model, args=TrainingArguments(**options), train_dataset=dataset or ClusterDataset(), callbacks=[recorder])
+    trainer = trainer_class(
+        model=model,
+        args=args_class(**options),
+        train_dataset=dataset if dataset is not None else ClusterDataset(),
+        callbacks=[recorder, *(callbacks or [])],
+    )
     recorder.trainer = trainer
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer, recorder
 
 
+class CountingTrainer(Trainer):
+    """A user's own Trainer subclass: a custom loss (mean-squared logit penalty added) and its own log entry."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs["loss"] + 0.01 * outputs["logits"].float().pow(2).mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        logs["custom/seen"] = 1.0
+        super().log(logs, *args, **kwargs)
+
+
+class GAFCountingTrainer(GAFMixin, CountingTrainer):
+    """`CountingTrainer` with GAF, the two-line recipe."""
+
+
+@dataclass
+class GAFCountingArguments(GAFArguments, TrainingArguments):
+    """Arguments for `GAFCountingTrainer`."""
+
+
 def parameters_json(model: nn.Module) -> list[list[float]]:
     return [p.detach().reshape(-1).tolist() for p in model.parameters()]
+
+
+def max_difference(a: nn.Module, b: nn.Module) -> float:
+    return max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def dump(path: str, payload: dict) -> None:
