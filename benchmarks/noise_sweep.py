@@ -3,7 +3,7 @@
 Every run is an independent `python -m hf_gaf.train` run (built by `hf_gaf.train.build_trainer`
 from a command line, see `training_argv`, and scored by `hf_gaf.train.evaluate_run`) on the
 embedded handwritten digits
-(`hf_gaf.data.load_digits_dataset`, 1,437 train / 360 test images, 8x8 grayscale, 10 classes)
+(`hf_gaf.train.data.load_digits_dataset`, 1,437 train / 360 test images, 8x8 grayscale, 10 classes)
 with symmetric label noise on the training split (`add_symmetric_label_noise`), micro-batches of
 one sample per class (`class_balanced_batches`, batch size 10) and two micro-batches per optimizer
 step (`gradient_accumulation_steps=2`, M = 2 as in the paper). For each noise rate and seed, every
@@ -12,7 +12,7 @@ of optimizer steps (a step GAF skips still counts). Reported per (noise, tau), o
 
 - clean test accuracy (mean and standard deviation),
 - memorisation: the fraction of corrupted training rows the model predicts as their noisy label
-  (`hf_gaf.metrics.compute_memorization`, "memorized"),
+  (`hf_gaf.train.metrics.compute_memorization`, "memorized"),
 - the fraction of optimizer steps GAF skipped (no two micro-gradients agreed).
 
 Configuration (see docs/results.md for why): timm `resnet18` with `layers=(1, 1, 1, 1)` and

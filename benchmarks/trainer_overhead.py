@@ -30,7 +30,7 @@ RESULTS = Path(__file__).parent / "results" / "trainer_overhead.json"
 def _build(model_name: str, num_classes: int, image_size: int):
     import torch
 
-    from hf_gaf.models import create_image_classifier
+    from hf_gaf.train.models import create_image_classifier
 
     torch.manual_seed(0)
     return create_image_classifier(model_name, num_classes, image_size=image_size)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def readme_example() -> str:

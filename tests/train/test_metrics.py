@@ -14,7 +14,7 @@ import tomllib
 import torch
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
-from hf_gaf.metrics import (
+from hf_gaf.train.metrics import (
     METRICS_DIR,
     accuracy_metrics,
     argmax_logits,
@@ -24,7 +24,8 @@ from hf_gaf.metrics import (
     memorization_metrics,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from ..testing_utils import REPO
+
 
 # Four corrupted rows (0-3): memorized (0, 3), correct (1), other (2); row 4 is clean and right.
 PREDICTIONS = [3, 2, 7, 3, 0]
@@ -53,10 +54,10 @@ def _one_hot(ids, num_labels=8):
 def test_metrics_ship_with_the_package_and_are_packaged():
     assert available_metrics() == ["accuracy", "memorization"]
     assert (METRICS_DIR / "accuracy" / "accuracy.py").is_file()
-    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     assert find.get("namespaces", True), "metric folders have no __init__.py: they are packaged as namespace packages"
-    packages = setuptools.find_namespace_packages(where=str(ROOT), include=find["include"])
-    assert {"hf_gaf.metrics.accuracy", "hf_gaf.metrics.memorization"} <= set(packages)
+    packages = setuptools.find_namespace_packages(where=str(REPO), include=find["include"])
+    assert {"hf_gaf.train.metrics.accuracy", "hf_gaf.train.metrics.memorization"} <= set(packages)
 
 
 def test_accuracy_by_hand():

@@ -4,9 +4,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from data_fixtures import save_like_cifar_n
+from .data_fixtures import save_like_cifar_n
 
-from hf_gaf.data import UntrustedPickleError, load_numpy_checkpoint
+from hf_gaf.train.data import UntrustedPickleError, load_numpy_checkpoint
 
 
 def test_loads_arrays_saved_with_numpy_2_names(tmp_path):

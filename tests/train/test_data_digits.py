@@ -3,7 +3,7 @@ import pytest
 from datasets import ClassLabel, DatasetDict, Image
 from PIL import Image as PILImage
 
-from hf_gaf.data import load_digits_dataset
+from hf_gaf.train.data import load_digits_dataset
 
 
 @pytest.fixture(scope="module")

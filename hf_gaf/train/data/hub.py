@@ -1,6 +1,6 @@
 """Reaching the Hugging Face Hub: file references and what to do when the Hub is out of reach.
 
-Everything in `hf_gaf.data` that may touch the network goes through this module, so a missing
+Everything in `hf_gaf.train.data` that may touch the network goes through this module, so a missing
 connection always ends in the same :class:`HubUnreachableError`, whose message says how to run
 offline instead of showing a retry log and a cache miss.
 """

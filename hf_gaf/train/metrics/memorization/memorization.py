@@ -2,7 +2,7 @@
 
 On a training set with corrupted labels, a network that fits the noise predicts the corrupted
 label on those rows; one that resists it keeps predicting the true class. Load it with
-`hf_gaf.metrics.load_metric("memorization")` (or `evaluate.load` on this file's folder).
+`hf_gaf.train.metrics.load_metric("memorization")` (or `evaluate.load` on this file's folder).
 """
 
 import datasets
@@ -34,7 +34,7 @@ Returns:
     noise_rate (`float`): fraction of rows that are corrupted.
     num_corrupted (`int`): number of corrupted rows.
 Examples:
-    >>> memorization = hf_gaf.metrics.load_metric("memorization")
+    >>> memorization = hf_gaf.train.metrics.load_metric("memorization")
     >>> memorization.compute(
     ...     predictions=[3, 2, 7, 3, 0], references=[3, 1, 4, 3, 0], clean_references=[1, 2, 6, 5, 0]
     ... )

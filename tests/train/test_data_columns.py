@@ -1,7 +1,7 @@
 import numpy as np
 from datasets import Dataset
 
-from hf_gaf.data.columns import column_as_numpy
+from hf_gaf.train.data.columns import column_as_numpy
 
 
 def test_reads_the_column_in_row_order_after_select_and_shuffle():

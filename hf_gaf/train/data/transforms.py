@@ -15,7 +15,7 @@ Typical use::
     )
 
 Rows then read as ``{"pixel_values": float tensor [C, H, W], "labels": int}``, ready for
-:func:`hf_gaf.data.collate_image_classification`.
+:func:`hf_gaf.train.data.collate_image_classification`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hf_gaf.data import (
-    ClassBalancedBatchSampler,
+from hf_gaf.train.data import (
+    ClassBalancedSampler,
     channel_mean_std,
     collate_image_classification,
     image_classification_transform,
@@ -30,9 +30,9 @@ def test_rows_without_a_transform_name_the_fix():
 def test_digits_through_transform_balanced_sampler_and_collator():
     train = load_digits_dataset()["train"]
     mean, std = channel_mean_std(train)
-    sampler = ClassBalancedBatchSampler.from_dataset(train, 2, label_column="label")
+    sampler = ClassBalancedSampler.from_dataset(train, 2, label_column="label")
     train = train.with_transform(image_classification_transform(train=True, mean=mean, std=std, image_size=16))
-    loader = DataLoader(train, batch_sampler=sampler, collate_fn=collate_image_classification)
+    loader = DataLoader(train, sampler=sampler, batch_size=sampler.batch_size, collate_fn=collate_image_classification)
 
     batch = next(iter(loader))
 

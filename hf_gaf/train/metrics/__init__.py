@@ -107,7 +107,7 @@ def compute_memorization(
         noisy_labels: the labels the model was trained on, e.g. `.label_ids` of the same output.
         clean_labels: the true labels of the same rows, in the same order.
         flipped: optional record of which rows were corrupted (the noise column of
-            `hf_gaf.data`). A row is corrupted exactly when its noisy and clean labels differ;
+            `hf_gaf.train.data`). A row is corrupted exactly when its noisy and clean labels differ;
             the mask is checked against that, which catches clean labels in another order.
 
     Returns:

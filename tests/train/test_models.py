@@ -16,7 +16,7 @@ from transformers import (
     TimmWrapperForImageClassification,
 )
 
-from hf_gaf.models import create_image_classifier
+from hf_gaf.train.models import create_image_classifier
 
 RESNETS = ["resnet18", "resnet34", "resnetv2_34"]
 
@@ -179,7 +179,7 @@ class _ImageDataset(torch.utils.data.Dataset):
 
 def test_vit_large_one_gaf_step_with_two_microgradients(vit_large, tmp_path):
     trainer_module = pytest.importorskip("hf_gaf.trainer", reason="GAFTrainer is not available")
-    from hf_gaf.training_args import GAFTrainingArguments
+    from hf_gaf import GAFTrainingArguments
 
     args = GAFTrainingArguments(
         output_dir=str(tmp_path),

@@ -2,7 +2,7 @@ import datasets
 import huggingface_hub
 import numpy as np
 import pytest
-from data_fixtures import (
+from .data_fixtures import (
     CIFAR100_FEATURES,
     CIFAR100_FINE_NAMES,
     REAL_CIFAR100N_LABELS,
@@ -12,14 +12,14 @@ from data_fixtures import (
 )
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from hf_gaf.data import (
+from hf_gaf.train.data import (
     HubUnreachableError,
     UntrustedPickleError,
     attach_noisy_labels,
     load_cifar100n,
     load_numpy_checkpoint,
 )
-from hf_gaf.data.columns import column_as_numpy
+from hf_gaf.train.data.columns import column_as_numpy
 
 TRAIN_FINE = np.random.default_rng(1).integers(0, 100, 40)
 TEST_FINE = np.random.default_rng(2).integers(0, 100, 10)

@@ -1,22 +1,25 @@
-"""Train an image classifier with GAF: ``python -m hf_gaf.train`` (or ``accelerate launch -m hf_gaf.train``).
+"""Train an image classifier with GAF: `python -m hf_gaf.train` (or `accelerate launch -m hf_gaf.train`).
 
-Every option comes through :class:`~transformers.HfArgumentParser`: the
-:class:`~hf_gaf.GAFTrainingArguments` (all of ``TrainingArguments`` plus ``--gaf_*``) and the
-data and model arguments below; a single ``.json`` file instead of flags works too. With no
-arguments it trains on the embedded handwritten digits with 40% symmetric label noise, offline,
-in a few minutes on a CPU, then prints the clean test accuracy, how much of the corrupted
-training labels the model memorised, the GAF statistics and where the logs went.
+Every option comes through [`~transformers.HfArgumentParser`]: the
+[`~hf_gaf.GAFTrainingArguments`] (all of `TrainingArguments` plus `--gaf_*`) and the data and
+model arguments below; a single `.json` file instead of flags works too. With no arguments it
+trains on the embedded handwritten digits with 40% symmetric label noise, offline, in about a
+minute on a CPU, then prints the clean test accuracy, how much of the corrupted training labels
+the model memorised, the GAF statistics and where the logs went.
 
-Examples::
+Examples:
 
-    python -m hf_gaf.train                                  # GAF on the embedded digits
-    python -m hf_gaf.train --baseline                       # the same run with plain averaging
-    accelerate launch -m hf_gaf.train --dataset uoft-cs/cifar100 \\
-        --noisy_labels CIFAR-100_human.pt --model_name resnetv2_34 ...   # CIFAR-100N
+```bash
+python -m hf_gaf.train                                  # GAF on the embedded digits
+python -m hf_gaf.train --baseline                       # the same run with plain averaging
+accelerate launch -m hf_gaf.train --dataset uoft-cs/cifar100 \\
+    --noisy_labels CIFAR-100_human.pt --model_name resnetv2_34 ...   # CIFAR-100N
+```
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -30,6 +33,8 @@ from datasets import ClassLabel, DatasetDict
 from transformers import HfArgumentParser, set_seed
 from transformers.integrations import TensorBoardCallback
 
+from ..arguments import GAF_DESCRIPTION, GAF_FIELDS, GAFTrainingArguments
+from .checkpoints import last_complete_checkpoint
 from .data import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -44,10 +49,10 @@ from .data import (
     load_cifar100n,
     load_digits_dataset,
 )
+from .data.columns import column_as_numpy
 from .metrics import accuracy_metrics, argmax_logits, compute_memorization
 from .models import create_image_classifier
-from .trainer import GAFTrainer
-from .training_args import GAFTrainingArguments
+from .trainer import ClassBalancedGAFTrainer
 
 EMBEDDED_DATASET = "digits"
 
@@ -123,6 +128,13 @@ class DataArguments:
     crop_padding: int = field(default=4, metadata={"help": "Padding of the random crop (4 in the paper)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation split."})
+    class_balanced_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw every training micro-batch with exactly per_device_train_batch_size / num_classes samples "
+            "of each class (of the labels trained on), so micro-gradients differ by their samples, not their class mix."
+        },
+    )
 
 
 @dataclass
@@ -171,14 +183,61 @@ def has_accelerator() -> bool:
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
-def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((DataArguments, ModelArguments, RunArguments, GAFTrainingArguments))
+THREADS_HELP = (
+    "Threads: unless OMP_NUM_THREADS is set, each process uses one intra-op thread per 4M trainable parameters, "
+    "at most its share of the CPU cores (one for the embedded digits' 0.32M-parameter model): more threads than "
+    "a model can use spin-wait, and collapse on a machine whose cores other jobs share."
+)
+
+
+def build_parser() -> HfArgumentParser:
+    """The entry point's parser; its `--help` shows the GAF options as a group of their own."""
+    parser = HfArgumentParser(
+        (DataArguments, ModelArguments, RunArguments, GAFTrainingArguments),
+        description=f"{__doc__.splitlines()[0]}\n\n{THREADS_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    group = parser.add_argument_group("Gradient Agreement Filtering", GAF_DESCRIPTION)
+    for action in parser._actions:  # argparse has no public way to regroup options
+        if action.dest in GAF_FIELDS:
+            for container in parser._action_groups:
+                if action in container._group_actions:
+                    container._group_actions.remove(action)
+            group._group_actions.append(action)
     # transformers runs DDP on CPU only with use_cpu; without a GPU, torchrun/accelerate launch need it.
     parser.set_defaults(**DEFAULTS, use_cpu=not has_accelerator())
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """The command line (or a single `.json` file of the same options) as the four dataclasses, with the job's defaults."""
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
+        with open(argv[0]) as f:
+            return parser.parse_dict({**DEFAULTS, "use_cpu": not has_accelerator(), **json.load(f)})
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def set_threads(model: torch.nn.Module, processes_per_node: int) -> int:
+    """Set torch's intra-op threads for `model` (see `THREADS_HELP`) unless OMP_NUM_THREADS chose; returns them."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    threads = max(1, min(cores // max(processes_per_node, 1), 1 + parameters // 4_000_000))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def check_microgradients(training_args: GAFTrainingArguments) -> None:
+    """Refuse, before any data or model is built, a run with one micro-gradient per step."""
+    if training_args.world_size * training_args.gradient_accumulation_steps < 2:
+        raise ValueError(
+            f"GAF needs at least two micro-gradients per optimizer step, but {training_args.world_size} process(es) x "
+            f"gradient_accumulation_steps {training_args.gradient_accumulation_steps} = 1. Pass "
+            "--gradient_accumulation_steps 2, or launch several processes (accelerate launch, torchrun)."
+        )
 
 
 def resolve_dataset_defaults(data_args: DataArguments, model_args: ModelArguments) -> None:
@@ -263,21 +322,20 @@ def _stored_image_size(split: datasets.Dataset, image_column: str) -> int:
     return max(width, height)
 
 
-def build_trainer(argv: list[str] | None = None) -> tuple[GAFTrainer, dict[str, Any]]:
-    """Parse ``argv`` (default: the command line), prepare the data and return the untrained trainer.
+def build_trainer(argv: list[str] | None = None) -> tuple[ClassBalancedGAFTrainer, dict[str, Any]]:
+    """Parse `argv` (default: the command line), prepare the data and return the untrained trainer.
 
-    Also returns the prepared data (:func:`prepare_data`), which :func:`evaluate_run` needs for the
+    Also returns the prepared data ([`prepare_data`]), which [`evaluate_run`] needs for the
     memorisation of the corrupted labels. Benchmarks build their runs here, so that they train
-    exactly what ``python -m hf_gaf.train`` trains.
+    exactly what `python -m hf_gaf.train` trains.
     """
     data_args, model_args, run_args, training_args = parse_arguments(argv)
     if run_args.baseline:
         training_args.gaf_threshold = 2.0
+    check_microgradients(training_args)
     resolve_dataset_defaults(data_args, model_args)
     set_seed(training_args.seed)
     data = prepare_data(data_args, model_args)
-    if training_args.class_balanced_batches:
-        training_args.class_balanced_label_column = data["train_label_column"]
     model = create_image_classifier(
         model_args.model_name,
         len(data["label_names"]),
@@ -287,7 +345,9 @@ def build_trainer(argv: list[str] | None = None) -> tuple[GAFTrainer, dict[str, 
         id2label=data["label_names"],
         **model_args.timm_kwargs(data_args.dataset),
     )
-    trainer = GAFTrainer(
+    set_threads(model, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    balance = data_args.class_balanced_batches
+    trainer = ClassBalancedGAFTrainer(
         model=model,
         args=training_args,
         train_dataset=data["train"],
@@ -295,13 +355,15 @@ def build_trainer(argv: list[str] | None = None) -> tuple[GAFTrainer, dict[str, 
         data_collator=collate_image_classification,
         compute_metrics=accuracy_metrics(),
         preprocess_logits_for_metrics=argmax_logits,
+        balance_labels=column_as_numpy(data["raw_train"], data["train_label_column"]) if balance else None,
+        num_classes=len(data["label_names"]),
     )
     return trainer, data
 
 
-def evaluate_run(trainer: GAFTrainer, data: dict[str, Any]) -> dict[str, float]:
-    """After training: clean test metrics (``test_*``), memorisation of the corrupted training labels
-    (``train_*``, when labels were corrupted) and the GAF totals (``gaf/*``)."""
+def evaluate_run(trainer: ClassBalancedGAFTrainer, data: dict[str, Any]) -> dict[str, float]:
+    """After training: clean test metrics (`test_*`), memorisation of the corrupted training labels
+    (`train_*`, when labels were corrupted) and the GAF totals (`gaf/*`)."""
     results = {f"test_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate(metric_key_prefix="eval").items()}
     raw_train = data["raw_train"]
     flipped = np.asarray(raw_train[FLIPPED_COLUMN]) if FLIPPED_COLUMN in raw_train.column_names else None
@@ -314,13 +376,27 @@ def evaluate_run(trainer: GAFTrainer, data: dict[str, Any]) -> dict[str, float]:
             flipped=flipped,
         )
         results.update({f"train_{k}": v for k, v in memorization.items()})
-    results.update(trainer.gaf_statistics.summary())
+    results.update(trainer.gaf_state.summary())
     return results
+
+
+def resume_point(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """What to resume from: a path as given, or for `True`/`last` the newest complete checkpoint of `output_dir`."""
+    if resume_from_checkpoint is None or resume_from_checkpoint.lower() in ("false", "none", ""):
+        return None
+    if resume_from_checkpoint.lower() not in ("true", "last"):
+        return resume_from_checkpoint
+    checkpoint, skipped = last_complete_checkpoint(output_dir)
+    for partial in skipped:
+        print(f"Skipping {partial}: it is incomplete (a job killed while saving it?); resuming from an earlier one.")
+    if checkpoint is None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no complete checkpoint in {output_dir}.")
+    return str(checkpoint)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer, data = build_trainer(argv)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_point(trainer.args.resume_from_checkpoint, trainer.args.output_dir))
     results = evaluate_run(trainer, data)
     trainer.log_metrics("final", results)
     trainer.save_metrics("final", results)

@@ -4,7 +4,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
-from hf_gaf.data import (
+from hf_gaf.train.data import (
     CIFAR100_MEAN,
     CIFAR100_STD,
     channel_mean_std,
@@ -12,7 +12,7 @@ from hf_gaf.data import (
     image_transform,
     load_digits_dataset,
 )
-from hf_gaf.data.transforms import RandomPaddedCrop
+from hf_gaf.train.data.transforms import RandomPaddedCrop
 
 
 @pytest.fixture(scope="module")

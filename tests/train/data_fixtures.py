@@ -14,7 +14,9 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
-REAL_CIFAR100N_LABELS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CIFAR-100_human.pt"
+from ..testing_utils import SHARED_DATA
+
+REAL_CIFAR100N_LABELS = SHARED_DATA / "CIFAR-100_human.pt"
 
 CIFAR100_FINE_NAMES = (
     "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly "

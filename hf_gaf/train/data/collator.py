@@ -14,7 +14,7 @@ def collate_image_classification(examples: Sequence[Mapping[str, Any]]) -> dict[
     Returns ``pixel_values`` (float tensor [B, C, H, W]) and ``labels`` (long tensor [B]), the
     keyword arguments of transformers image classifiers, so it serves as a Trainer's
     ``data_collator``. Rows come from a dataset with
-    :func:`hf_gaf.data.image_classification_transform` set on it.
+    :func:`hf_gaf.train.data.image_classification_transform` set on it.
     """
     if not examples:
         raise ValueError("Cannot collate an empty batch.")

@@ -50,7 +50,7 @@ def load_cifar100n(
             ``train`` and ``test``): the Hub id, or a local folder holding the same parquet files.
         noisy_labels: the CIFAR-100N label file: a local path, or a file on the Hub as
             ``"hf://datasets/<repo_id>[@<revision>]/<path in repo>"`` or its
-            ``https://huggingface.co/...`` URL (see :func:`hf_gaf.data.hub.resolve_hub_file`).
+            ``https://huggingface.co/...`` URL (see :func:`hf_gaf.train.data.hub.resolve_hub_file`).
         noisy_label_key: which noisy labels to attach: ``"noisy_label"`` (100 fine classes,
             checked against ``fine_label``) or ``"noisy_coarse_label"`` (20 superclasses, checked
             against ``coarse_label``).

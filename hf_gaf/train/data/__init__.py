@@ -1,9 +1,9 @@
-"""Data for GAF experiments: Hub datasets, CIFAR-100N labels, label noise, balanced batches, transforms.
+"""Data for the paper's experiments: Hub datasets, CIFAR-100N labels, label noise, balanced batches, transforms.
 
 See docs/data.md for a walkthrough.
 """
 
-from .balanced_sampler import ClassBalancedBatchSampler
+from .balanced_sampler import ClassBalancedSampler
 from .cifar100n import CIFAR100_DATASET, attach_noisy_labels, load_cifar100n
 from .collator import collate_image_classification
 from .digits import load_digits_dataset
@@ -25,7 +25,7 @@ __all__ = [
     "CIFAR100_STD",
     "FLIPPED_COLUMN",
     "NOISY_LABEL_COLUMN",
-    "ClassBalancedBatchSampler",
+    "ClassBalancedSampler",
     "HubUnreachableError",
     "ImageClassificationTransform",
     "UntrustedPickleError",

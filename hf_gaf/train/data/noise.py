@@ -3,7 +3,7 @@
 The noisy labels go to a new column and the clean labels stay where they were, so one dataset
 serves both sides of a label-noise experiment: training reads ``noisy_label`` as its labels,
 metrics compare predictions with the clean column and, through ``label_flipped``, measure
-memorisation on exactly the corrupted rows. CIFAR-100N (:func:`hf_gaf.data.load_cifar100n`)
+memorisation on exactly the corrupted rows. CIFAR-100N (:func:`hf_gaf.train.data.load_cifar100n`)
 produces the same three columns, so downstream code does not care where the noise came from.
 """
 

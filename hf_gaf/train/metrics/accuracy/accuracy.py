@@ -1,7 +1,7 @@
 """Accuracy as an `evaluate` metric that ships with hf-gaf, so it loads without the Hub.
 
 Same inputs and output as the Hub's `accuracy` metric for single-label classification.
-Load it with `hf_gaf.metrics.load_metric("accuracy")` (or `evaluate.load` on this file's folder).
+Load it with `hf_gaf.train.metrics.load_metric("accuracy")` (or `evaluate.load` on this file's folder).
 """
 
 import datasets
@@ -22,7 +22,7 @@ Args:
 Returns:
     accuracy (`float` or `int`): in [0, 1] (or a count when `normalize=False`).
 Examples:
-    >>> accuracy = hf_gaf.metrics.load_metric("accuracy")
+    >>> accuracy = hf_gaf.train.metrics.load_metric("accuracy")
     >>> accuracy.compute(predictions=[0, 1, 2, 1], references=[0, 1, 1, 1])
     {'accuracy': 0.75}
 """

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from hf_gaf.data import add_symmetric_label_noise
+from hf_gaf.train.data import add_symmetric_label_noise
 
 NUM_CLASSES = 7
 

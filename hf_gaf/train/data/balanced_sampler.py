@@ -3,6 +3,11 @@
 The GAF paper trains CIFAR-100N with micro-batches of 100 = 1 x 100 classes. Balanced micro-batches
 make micro-gradients comparable: their disagreement then comes from the labels, not from which
 classes a batch happened to draw, which is what gradient agreement filtering needs to see.
+
+[`ClassBalancedSampler`] is a plain index sampler: its indices, cut into consecutive groups of
+`batch_size` (as a `DataLoader` with that batch size does), are the balanced batches. So it goes
+to a Trainer through the Trainer's own sampler hook, and every dataloader option the Trainer
+honours still applies.
 """
 
 from __future__ import annotations
@@ -17,26 +22,28 @@ from torch.utils.data import Sampler
 from .columns import column_as_numpy
 
 
-class ClassBalancedBatchSampler(Sampler[list[int]]):
-    """Yield lists of dataset indices, each with exactly `samples_per_class` indices of every class.
+class ClassBalancedSampler(Sampler[int]):
+    """Yield dataset indices whose consecutive groups of `batch_size` hold `samples_per_class` of every class.
 
-    Pass it to ``DataLoader(dataset, batch_sampler=sampler, collate_fn=...)``. Every batch has
-    ``batch_size = samples_per_class * num_classes`` indices, in random order, none repeated.
+    Pass it to ``DataLoader(dataset, sampler=sampler, batch_size=sampler.batch_size, ...)`` (or
+    return it from a Trainer's `_get_train_sampler`). Every batch has
+    ``batch_size = samples_per_class * num_classes`` indices, in random order, none repeated;
+    ``len(sampler)`` is a whole number of batches.
 
     Epoch contract (C classes with counts n_c, k = `samples_per_class`):
 
-    - ``drop_last=True`` (default): ``len(sampler) = min_c floor(n_c / k)`` batches; every index is
+    - ``drop_last=True`` (default): ``num_batches = min_c floor(n_c / k)``; every index is
       used at most once per epoch; rows of larger classes beyond that are left out of this epoch
       (a different random subset each epoch).
-    - ``drop_last=False``: ``len(sampler) = max_c ceil(n_c / k)`` batches; every index is used at
+    - ``drop_last=False``: ``num_batches = max_c ceil(n_c / k)``; every index is used at
       least once per epoch; smaller classes are cycled, each pass over a class being a fresh
       permutation (an index never appears twice in one batch).
 
     Shuffling: each epoch draws new per-class permutations from ``(seed, epoch)``; the batches of
     an epoch are a pure function of the labels, `seed` and `epoch`. :meth:`set_epoch` selects the
     epoch; each pass also advances it by one, so reshuffling happens even when nobody
-    calls set_epoch (accelerate's ``BatchSamplerShard`` does not forward it). Every process builds
-    the same batches from the same seed.
+    calls set_epoch (accelerate's ``BatchSamplerShard`` does not always forward it). Every process
+    builds the same batches from the same seed.
 
     Distributed training and gradient accumulation: accelerate hands *whole* batches to processes
     (``split_batches=False``, its default), and every batch is balanced, so every micro-batch of
@@ -112,7 +119,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         drop_last: bool = True,
         batches_per_step: int = 1,
-    ) -> ClassBalancedBatchSampler:
+    ) -> ClassBalancedSampler:
         """Build the sampler from a ClassLabel column of `dataset` (ignoring any transform set on it).
 
         Balance on the labels the model is trained on: for a noisy training set that is the noisy
@@ -138,18 +145,24 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         """Select the epoch whose batches the next iteration yields."""
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    @property
+    def num_batches(self) -> int:
         return self._num_batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __len__(self) -> int:
+        return self._num_batches * self.batch_size
+
+    def batches(self) -> np.ndarray:
+        """The next pass's batches, ``[num_batches, batch_size]``; advances the epoch by one."""
         rng = np.random.default_rng([self.seed, self.epoch])
         needed = self._num_batches * self.samples_per_class
         columns = [self._draw(indices, needed, rng) for indices in self._class_indices]
         batches = np.stack(columns, axis=1).reshape(self._num_batches, self.batch_size)
-        batches = rng.permuted(batches, axis=1)
         self.epoch += 1
-        for batch in batches:
-            yield batch.tolist()
+        return rng.permuted(batches, axis=1)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.batches().reshape(-1).tolist()
 
     def _draw(self, indices: np.ndarray, needed: int, rng: np.random.Generator) -> np.ndarray:
         """`needed` indices of one class: consecutive fresh permutations, each batch-sized chunk duplicate-free."""

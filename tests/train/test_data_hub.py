@@ -2,7 +2,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from hf_gaf.data import HubUnreachableError, hub_errors_explained, resolve_hub_file
+from hf_gaf.train.data import HubUnreachableError, hub_errors_explained, resolve_hub_file
 
 
 @pytest.fixture
