@@ -6,6 +6,7 @@ Imported by tests/test_data_*.py; nothing here touches the network.
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 from pathlib import Path
 
@@ -95,3 +96,21 @@ def cifar100n_labels(clean_fine: np.ndarray, *, noise_rate: float, seed: int = 0
         "noisy_coarse_label": noisy % 20,
         "clean_coarse_label": clean_fine % 20,
     }
+
+
+def flip_bit(source: Path, target: Path, *, member: str = "data.pkl", fraction: float = 0.5) -> Path:
+    """Copy the `torch.save` archive `source` to `target` with one bit flipped inside one member's data.
+
+    The flipped byte sits at `fraction` of the stored bytes of the first zip member whose name ends
+    with `member` (torch stores members uncompressed, so these are the member's own bytes). The zip
+    headers stay intact: only the member's CRC-32 can tell the copy from the original.
+    """
+    data = bytearray(Path(source).read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        entry = next(info for info in archive.infolist() if info.filename.endswith(member))
+    assert entry.compress_type == zipfile.ZIP_STORED, "flip_bit expects uncompressed members, as torch.save writes"
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_length + extra_length
+    data[start + int(fraction * (entry.compress_size - 1))] ^= 0x10
+    Path(target).write_bytes(bytes(data))
+    return Path(target)

@@ -1,3 +1,6 @@
+import hashlib
+import warnings
+
 import datasets
 import huggingface_hub
 import numpy as np
@@ -19,6 +22,7 @@ from hf_gaf.train.data import (
     load_cifar100n,
     load_numpy_checkpoint,
 )
+from hf_gaf.train.data.cifar100n import CIFAR100N_RELEASE_SHA256, ModifiedLabelFileWarning
 from hf_gaf.train.data.columns import column_as_numpy
 
 TRAIN_FINE = np.random.default_rng(1).integers(0, 100, 40)
@@ -197,3 +201,131 @@ def test_real_cifar100n_label_file():
     )
     attached = attach_noisy_labels(train, labels, source=str(REAL_CIFAR100N_LABELS))
     assert column_as_numpy(attached, "label_flipped").mean() == pytest.approx(0.402, abs=5e-4)
+
+
+def _integral_floats(values):
+    return values.astype(np.float64)
+
+
+def _fractional_floats(values):
+    return values + 0.5
+
+
+def _one_nan(values):
+    values = values.astype(np.float32)
+    values[5] = np.nan
+    return values
+
+
+@pytest.mark.parametrize("key", ["noisy_label", "clean_label"])
+@pytest.mark.parametrize(
+    ("corrupt", "dtype", "detail"),
+    [
+        (_integral_floats, "float64", "all integral"),
+        (_fractional_floats, "float64", f"40 non-integer, first at row 0: {TRAIN_FINE[0] + 0.5}"),
+        (_one_nan, "float32", "1 NaN, first at row 5"),
+    ],
+    ids=["integral floats", "fractional floats", "NaN"],
+)
+def test_float_labels_are_refused_naming_the_file_and_the_key(tmp_path, monkeypatch, key, corrupt, dtype, detail):
+    def load_dataset(*args, **kwargs):
+        pytest.fail("the images were loaded before the label file was checked")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    labels = cifar100n_labels(TRAIN_FINE, noise_rate=0.4)
+    labels[key] = corrupt(labels[key])
+    path = save_like_cifar_n(labels, tmp_path / "CIFAR-100_human.pt")
+
+    with pytest.raises(ValueError) as error:
+        load_cifar100n("uoft-cs/cifar100", path)
+
+    message = str(error.value)
+    assert message.startswith(f"{path}: {key!r} holds {dtype} values ({detail})")
+    assert "labels must be integers" in message
+
+
+def test_float_labels_are_refused_by_attach_noisy_labels():
+    train = Dataset.from_dict(
+        {"fine_label": [0, 1, 2]}, features=Features({"fine_label": CIFAR100_FEATURES["fine_label"]})
+    )
+    labels = {"clean_label": np.array([0, 1, 2]), "noisy_label": np.array([0.0, 1.7, 2.0])}
+
+    expected = r"^my file: 'noisy_label' holds float64 values \(1 non-integer, first at row 1: 1.7\)"
+    with pytest.raises(ValueError, match=expected):
+        attach_noisy_labels(train, labels, source="my file")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])
+def test_integer_labels_of_any_width_are_accepted(cifar_folder, tmp_path, cache_dir, dtype):
+    labels = {key: values.astype(dtype) for key, values in cifar100n_labels(TRAIN_FINE, noise_rate=0.4).items()}
+    path = save_like_cifar_n(labels, tmp_path / "CIFAR-100_human.pt")
+
+    train = load_cifar100n(cifar_folder, path, cache_dir=cache_dir)["train"]
+
+    assert train["noisy_label"] == labels["noisy_label"].astype(np.int64).tolist()
+    np.testing.assert_array_equal(train["label_flipped"], labels["noisy_label"] != labels["clean_label"])
+
+
+def _serve_train_split(monkeypatch, fine_label):
+    """Make datasets.load_dataset return a train split with only `fine_label` (no images to decode)."""
+    train = Dataset.from_dict(
+        {"fine_label": np.asarray(fine_label)}, features=Features({"fine_label": CIFAR100_FEATURES["fine_label"]})
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: DatasetDict(train=train))
+
+
+def _release_warnings(record):
+    return [warning for warning in record if issubclass(warning.category, ModifiedLabelFileWarning)]
+
+
+def test_files_unlike_the_release_are_not_compared_with_it(cifar_folder, label_file, cache_dir):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        load_cifar100n(cifar_folder, label_file, cache_dir=cache_dir)
+
+    assert _release_warnings(record) == []
+
+
+def test_a_release_shaped_file_with_another_digest_is_reported_as_a_modified_copy(tmp_path, monkeypatch):
+    fine = np.random.default_rng(3).integers(0, 100, 50_000)
+    labels = cifar100n_labels(fine, noise_rate=0.4)
+    path = save_like_cifar_n(labels, tmp_path / "CIFAR-100_human.pt")
+    _serve_train_split(monkeypatch, fine)
+
+    with pytest.warns(ModifiedLabelFileWarning) as record:
+        train = load_cifar100n("uoft-cs/cifar100", path)["train"]
+
+    message = str(_release_warnings(record)[0].message)
+    assert repr(str(path)) in message
+    assert "is not the CIFAR-100N release" in message
+    assert f"SHA-256 {CIFAR100N_RELEASE_SHA256}" in message
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in message
+    assert train["noisy_label"] == labels["noisy_label"].tolist()
+
+
+def test_release_digest_is_the_sha256_of_the_real_file(shared_data):
+    release = shared_data / "CIFAR-100_human.pt"
+    if not release.is_file():
+        pytest.skip(f"the real CIFAR-100N labels are not at {release}")
+
+    assert hashlib.sha256(release.read_bytes()).hexdigest() == CIFAR100N_RELEASE_SHA256
+
+
+def test_real_release_is_recognised_and_a_modified_copy_is_reported(shared_data, tmp_path, monkeypatch):
+    release = shared_data / "CIFAR-100_human.pt"
+    if not release.is_file():
+        pytest.skip(f"the real CIFAR-100N labels are not at {release}")
+    labels = load_numpy_checkpoint(release)
+    _serve_train_split(monkeypatch, labels["clean_label"])
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train = load_cifar100n("uoft-cs/cifar100", release)["train"]
+    assert _release_warnings(record) == []
+    assert column_as_numpy(train, "label_flipped").sum() == 20_100
+
+    labels["noisy_label"][123] = (labels["noisy_label"][123] + 1) % 100
+    modified = save_like_cifar_n(labels, tmp_path / "CIFAR-100_human.pt")
+    with pytest.warns(ModifiedLabelFileWarning, match="is not the CIFAR-100N release"):
+        train = load_cifar100n("uoft-cs/cifar100", modified)["train"]
+    assert train[123]["noisy_label"] == labels["noisy_label"][123]

@@ -66,6 +66,26 @@ def test_missing_local_path_says_how_to_name_a_hub_file(tmp_path):
             "hf://my-org/some-model/CIFAR-100_human.pt",
             {"repo_id": "my-org/some-model", "filename": "CIFAR-100_human.pt", "repo_type": "model", "revision": None},
         ),
+        (
+            "hf://datasets/my-org/cifar-100n@refs/pr/3/labels/CIFAR-100_human.pt",
+            {"repo_id": "my-org/cifar-100n", "filename": "labels/CIFAR-100_human.pt", "revision": "refs/pr/3"},
+        ),
+        (
+            "hf://spaces/my-org/demo@feature%2Fnoise/CIFAR-100_human.pt",
+            {"repo_id": "my-org/demo", "repo_type": "space", "revision": "feature/noise"},
+        ),
+        (
+            "hf://models/my-org/some-model/labels@2024.pt",
+            {"repo_id": "my-org/some-model", "filename": "labels@2024.pt", "repo_type": "model", "revision": None},
+        ),
+        (
+            "https://hf.co/datasets/my-org/cifar-100n/resolve/refs%2Fpr%2F3/my%20labels.pt?download=true",
+            {"filename": "my labels.pt", "repo_type": "dataset", "revision": "refs/pr/3"},
+        ),
+        (
+            "https://huggingface.co/my-org/some-model/raw/v2/CIFAR-100_human.pt#L1",
+            {"repo_id": "my-org/some-model", "filename": "CIFAR-100_human.pt", "repo_type": "model", "revision": "v2"},
+        ),
     ],
 )
 def test_hub_references_are_downloaded_with_hf_hub_download(fake_download, tmp_path, reference, expected):
@@ -77,16 +97,78 @@ def test_hub_references_are_downloaded_with_hf_hub_download(fake_download, tmp_p
     assert calls[0]["cache_dir"] == tmp_path / "cache"
 
 
-@pytest.mark.parametrize("reference", ["hf://datasets/my-org/cifar-100n", "hf://buckets/my-org/bucket/file.pt"])
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "hf://datasets/my-org/cifar-100n",
+        "hf://datasets/my-org/cifar-100n@v1",
+        "hf://buckets/my-org/bucket/file.pt",
+        "https://huggingface.co/datasets/my-org/cifar-100n",
+        "https://huggingface.co/datasets/my-org/cifar-100n/blob/main",
+        "https://huggingface.co/datasets/my-org/cifar-100n/tree/main/labels",
+    ],
+)
 def test_references_that_do_not_name_a_repository_file_are_rejected(fake_download, reference):
     with pytest.raises(ValueError, match="must name one file in a Hub repository"):
         resolve_hub_file(reference)
     assert fake_download[0] == []
 
 
-def test_malformed_hub_reference_is_a_value_error():
-    with pytest.raises(ValueError, match="not a valid Hub file reference"):
-        resolve_hub_file("hf://datasets/not a repo/file.pt")
+@pytest.mark.parametrize(
+    ("reference", "reason"),
+    [
+        ("hf://datasets/not a repo/file.pt", "Repo id must use alphanumeric chars"),
+        ("hf://datasets/my-org", "no '<namespace>/<name>' repository id"),
+        ("hf://dataset/my-org/cifar-100n/file.pt", "the type prefix must be plural ('datasets/', not 'dataset/')"),
+        ("hf://datasets/my-org/cifar-100n@/file.pt", "the revision after '@' is empty"),
+        ("hf://datasets/my-org@v1/file.pt", "the repository id must be '<namespace>/<name>', got 'my-org'"),
+        ("hf://datasets/my-org/cifar-100n/labels//file.pt", "has an empty segment"),
+        ("https://huggingface.co/datasets/my-org/cifar-100n/commit/abc123", "'/commit/' is not a route to a file"),
+    ],
+)
+def test_malformed_hub_reference_is_a_value_error(fake_download, reference, reason):
+    with pytest.raises(ValueError, match="not a valid Hub file reference") as error:
+        resolve_hub_file(reference)
+    assert reason in str(error.value)
+    assert fake_download[0] == []
+
+
+def test_hub_references_are_parsed_without_parse_hf_uri(fake_download, monkeypatch):
+    """huggingface_hub 0.34, the supported floor, has no parse_hf_uri: resolving must not need it."""
+    def parse_hf_uri(*args, **kwargs):
+        pytest.fail("resolve_hub_file called huggingface_hub.parse_hf_uri")
+
+    monkeypatch.setattr(huggingface_hub, "parse_hf_uri", parse_hf_uri, raising=False)
+
+    resolve_hub_file("hf://datasets/my-org/cifar-100n@v1/CIFAR-100_human.pt")
+
+    assert fake_download[0][0]["revision"] == "v1"
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "hf://datasets/my-org/cifar-100n/CIFAR-100_human.pt",
+        "hf://datasets/my-org/cifar-100n@refs/convert/parquet/default/train/0000.parquet",
+        "hf://spaces/my-org/demo@feature%2Fnoise/labels/file@1.pt",
+        "hf://my-org/some-model@main/CIFAR-100_human.pt",
+        "https://huggingface.co/datasets/my-org/cifar-100n/blob/refs%2Fpr%2F3/dir/my%20labels.pt?download=true",
+    ],
+)
+def test_parsing_agrees_with_parse_hf_uri_where_huggingface_hub_has_it(fake_download, reference):
+    if not hasattr(huggingface_hub, "parse_hf_uri"):
+        pytest.skip(f"huggingface_hub {huggingface_hub.__version__} has no parse_hf_uri to compare with")
+    uri = huggingface_hub.parse_hf_uri(reference)
+
+    resolve_hub_file(reference)
+
+    call = fake_download[0][0]
+    assert (call["repo_type"], call["repo_id"], call["revision"], call["filename"]) == (
+        uri.type,
+        uri.id,
+        uri.revision,
+        uri.path_in_repo,
+    )
 
 
 def test_offline_mode_without_cache_explains_how_to_run_offline(monkeypatch, tmp_path):

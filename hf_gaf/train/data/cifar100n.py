@@ -6,11 +6,19 @@ annotator; 40.2% of them disagree with the clean label. The release ships them a
 ``clean_coarse_label``, ``noisy_coarse_label``) in the order of the CIFAR-100 training split.
 Nothing in the file links a label to an image except that order, so :func:`attach_noisy_labels`
 checks it: the file's clean labels must equal the dataset's labels row by row.
+
+A label file can also load and still be wrong. Labels must be integer arrays: float labels would
+be truncated by a cast (and NaN would become a huge negative class), so they are refused. The
+official release is recognised by its SHA-256 (:data:`CIFAR100N_RELEASE_SHA256`); a file shaped
+like the release with another digest is an edited or re-saved copy, and loading it warns
+(:class:`ModifiedLabelFileWarning`), because results on it are not comparable with the paper's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from typing import Any
 
 import datasets
@@ -25,6 +33,27 @@ from .numpy_checkpoint import load_numpy_checkpoint
 CIFAR100_DATASET = "uoft-cs/cifar100"
 
 CIFAR_N_RELEASE = "https://github.com/UCSC-REAL/cifar-10-100n (data/CIFAR-100_human.pt)"
+
+CIFAR100N_RELEASE_SHA256 = "3ca5e261fcff3a50f5c19044daa342e6b5392eb0ef70c5b9761766f5f9c68192"
+"""SHA-256 of ``CIFAR-100_human.pt`` as published in the CIFAR-N release (1,600,879 bytes)."""
+
+CIFAR100N_RELEASE_KEYS = frozenset({"clean_label", "noisy_label", "clean_coarse_label", "noisy_coarse_label"})
+"""The keys of the release file, each holding :data:`CIFAR100N_RELEASE_ROWS` labels."""
+
+CIFAR100N_RELEASE_ROWS = 50_000
+
+CIFAR100N_RELEASE_NOISE_RATE = 0.402
+"""Fraction of the release's ``noisy_label`` that differ from ``clean_label`` (20,100 of 50,000)."""
+
+
+class ModifiedLabelFileWarning(UserWarning):
+    """A label file shaped like the CIFAR-100N release does not have the release's SHA-256.
+
+    It may be a legitimate re-save (same labels, new bytes) or an edited copy; either way results on
+    it are not guaranteed to match the paper's. Silence it with
+    ``warnings.filterwarnings("ignore", category=ModifiedLabelFileWarning)`` once you have checked the file.
+    """
+
 
 CLEAN_COUNTERPARTS: dict[str, tuple[str, str]] = {
     "noisy_label": ("clean_label", "fine_label"),
@@ -64,10 +93,17 @@ def load_cifar100n(
         so they keep clean labels.
 
     Raises:
-        ValueError: the label file does not match the training split (see :func:`attach_noisy_labels`).
+        ValueError: the label file holds non-integer labels or does not match the training split
+            (see :func:`attach_noisy_labels`); both are checked before the images are loaded,
+            except the row-by-row alignment, which needs them.
+        CorruptCheckpointError: the label file fails its zip CRC-32 check (it was damaged).
         UntrustedPickleError: the label file contains anything but numpy arrays.
         HubUnreachableError: the Hub was needed but could not be reached; the message says how to
             run offline.
+
+    Warns:
+        ModifiedLabelFileWarning: the label file has the release's keys and 50,000 rows but not
+            the release's SHA-256 (:data:`CIFAR100N_RELEASE_SHA256`): an edited or re-saved copy.
     """
     try:
         label_path = resolve_hub_file(noisy_labels, cache_dir=cache_dir, token=token)
@@ -76,6 +112,9 @@ def load_cifar100n(
             f"{error} CIFAR-100_human.pt is part of the CIFAR-N release: {CIFAR_N_RELEASE}"
         ) from error
     labels = load_numpy_checkpoint(label_path)
+    source = os.fspath(noisy_labels)
+    _checked_label_arrays(labels, noisy_label_key, source)
+    _warn_if_modified_release(label_path, labels, source)
     with hub_errors_explained(f"dataset {os.fspath(dataset)!r}"):
         splits = datasets.load_dataset(os.fspath(dataset), cache_dir=cache_dir, token=token, **load_dataset_kwargs)
     if not isinstance(splits, DatasetDict) or "train" not in splits:
@@ -85,7 +124,7 @@ def load_cifar100n(
             f"Do not pass split=...: the test split is returned alongside, with clean labels."
         )
     splits["train"] = attach_noisy_labels(
-        splits["train"], labels, noisy_label_key=noisy_label_key, source=os.fspath(noisy_labels)
+        splits["train"], labels, noisy_label_key=noisy_label_key, source=source
     )
     return splits
 
@@ -101,21 +140,18 @@ def attach_noisy_labels(
 ) -> Dataset:
     """Add CIFAR-N style human labels to `train` after checking they describe the same images.
 
-    `labels` is the content of a CIFAR-N label file. The check: the file's clean labels (e.g.
-    ``clean_label``) must have one entry per row of `train` and equal its label column (e.g.
-    ``fine_label``) at every row. A mismatch means the file and the dataset list images in
+    `labels` is the content of a CIFAR-N label file. The checks: both label arrays used (e.g.
+    ``clean_label`` and ``noisy_label``) have an integer dtype; the clean labels have one entry
+    per row of `train` and equal its label column (e.g. ``fine_label``) at every row; the noisy
+    labels are classes of that column. A mismatch means the file and the dataset list images in
     different orders (or are different datasets), and every noisy label would land on the wrong
-    image, so it is an error, naming the first mismatching row.
+    image, so it is an error, naming the first mismatching row. `source` names the file in errors.
+
+    Raises:
+        ValueError: an unknown `noisy_label_key`, a missing key, non-integer labels (float, even
+            integral-valued, or NaN), a length or row mismatch, or noisy labels outside the classes.
     """
-    if noisy_label_key not in CLEAN_COUNTERPARTS:
-        raise ValueError(f"noisy_label_key must be one of {sorted(CLEAN_COUNTERPARTS)}, got {noisy_label_key!r}.")
-    clean_key, label_column = CLEAN_COUNTERPARTS[noisy_label_key]
-    if not isinstance(labels, dict) or not {clean_key, noisy_label_key} <= labels.keys():
-        found = sorted(labels) if isinstance(labels, dict) else type(labels).__name__
-        raise ValueError(
-            f"{source} must hold a dict with keys {clean_key!r} and {noisy_label_key!r} (found "
-            f"{found}). Use CIFAR-100_human.pt from the CIFAR-N release."
-        )
+    clean_key, label_column, file_clean, file_noisy = _checked_label_arrays(labels, noisy_label_key, source)
     feature = train.features.get(label_column)
     if not isinstance(feature, ClassLabel):
         raise ValueError(
@@ -123,8 +159,6 @@ def attach_noisy_labels(
             f"against (columns: {train.column_names}); load a dataset in the uoft-cs/cifar100 format."
         )
 
-    file_clean = np.asarray(labels[clean_key]).reshape(-1)
-    file_noisy = np.asarray(labels[noisy_label_key]).reshape(-1)
     dataset_clean = column_as_numpy(train, label_column)
     if not len(file_clean) == len(file_noisy) == len(dataset_clean):
         raise ValueError(
@@ -149,5 +183,102 @@ def attach_noisy_labels(
             f"{label_column!r}; the file does not belong to this dataset."
         )
 
-    train = train.add_column(noisy_column, file_noisy.astype(np.int64), feature=ClassLabel(names=feature.names))
+    file_noisy = file_noisy.astype(np.int64)
+    file_clean = file_clean.astype(np.int64)
+    train = train.add_column(noisy_column, file_noisy, feature=ClassLabel(names=feature.names))
     return train.add_column(flipped_column, file_noisy != file_clean, feature=Value("bool"))
+
+
+def _checked_label_arrays(
+    labels: Any, noisy_label_key: str, source: str
+) -> tuple[str, str, np.ndarray, np.ndarray]:
+    """The clean key, dataset column, clean labels and noisy labels for `noisy_label_key`, checked.
+
+    Checks what needs no dataset (known key, keys present, integer dtypes), so that
+    :func:`load_cifar100n` refuses a wrong file before it loads any image.
+    """
+    if noisy_label_key not in CLEAN_COUNTERPARTS:
+        raise ValueError(f"noisy_label_key must be one of {sorted(CLEAN_COUNTERPARTS)}, got {noisy_label_key!r}.")
+    clean_key, label_column = CLEAN_COUNTERPARTS[noisy_label_key]
+    if not isinstance(labels, dict) or not {clean_key, noisy_label_key} <= labels.keys():
+        found = sorted(labels) if isinstance(labels, dict) else type(labels).__name__
+        raise ValueError(
+            f"{source} must hold a dict with keys {clean_key!r} and {noisy_label_key!r} (found "
+            f"{found}). Use CIFAR-100_human.pt from the CIFAR-N release."
+        )
+    file_clean = _integer_labels(labels[clean_key], clean_key, source)
+    file_noisy = _integer_labels(labels[noisy_label_key], noisy_label_key, source)
+    return clean_key, label_column, file_clean, file_noisy
+
+
+def _integer_labels(values: Any, key: str, source: str) -> np.ndarray:
+    """`values` as a flat integer array; any other dtype (float, bool, complex, text) is refused.
+
+    Floats are refused even when every value is integral: a file that stores class indices as
+    floats was not written as a label file, and a cast would silently truncate 3.7 to 3 and turn
+    NaN into -2**63, so ``label_flipped`` and the trained labels would disagree with the file.
+    The message locates the first NaN, infinite or fractional value to help find the fault.
+    """
+    array = np.asarray(values).reshape(-1)
+    if np.issubdtype(array.dtype, np.integer):
+        return array
+    detail = ""
+    if np.issubdtype(array.dtype, np.floating):
+        nan = np.flatnonzero(np.isnan(array))
+        infinite = np.flatnonzero(np.isinf(array))
+        fractional = np.flatnonzero(np.isfinite(array) & (array != np.round(array)))
+        if nan.size:
+            detail = f" ({nan.size} NaN, first at row {nan[0]})"
+        elif infinite.size:
+            detail = f" ({infinite.size} infinite, first at row {infinite[0]})"
+        elif fractional.size:
+            detail = f" ({fractional.size} non-integer, first at row {fractional[0]}: {array[fractional[0]]})"
+        else:
+            detail = " (all integral)"
+    raise ValueError(
+        f"{source}: {key!r} holds {array.dtype} values{detail}, but labels must be integers (class "
+        f"indices). Labels stored as floats are refused even when every value is integral: casting "
+        f"them would silently truncate fractions (3.7 -> 3) and turn NaN into -2**63. Use "
+        f"CIFAR-100_human.pt from the CIFAR-N release ({CIFAR_N_RELEASE}), whose labels are int64, "
+        f"or, once you have checked the values, re-save them as integers: "
+        f"torch.save({{{key!r}: values.astype(np.int64), ...}}, path)."
+    )
+
+
+def _sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of the file's bytes, read in chunks (``hashlib.file_digest`` needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _warn_if_modified_release(path: str | os.PathLike[str], labels: Any, source: str) -> None:
+    """Warn with :class:`ModifiedLabelFileWarning` if `labels` look like the release but `path` is not it.
+
+    "Look like the release": exactly the release's keys, each with 50,000 entries. Smaller or
+    differently keyed files are someone's own labels and are not compared. The digest is of the
+    file's bytes, so a re-save of unchanged labels also warns: only the bytes prove the labels are
+    the published ones.
+    """
+    if not isinstance(labels, dict) or set(labels) != CIFAR100N_RELEASE_KEYS:
+        return
+    if any(np.asarray(values).size != CIFAR100N_RELEASE_ROWS for values in labels.values()):
+        return
+    digest = _sha256(path)
+    if digest == CIFAR100N_RELEASE_SHA256:
+        return
+    where = repr(source) if os.fspath(path) == source else f"{source!r} (local copy {os.fspath(path)!r})"
+    noise_rate = float(np.mean(np.asarray(labels["noisy_label"]) != np.asarray(labels["clean_label"])))
+    warnings.warn(
+        f"{where} is not the CIFAR-100N release: it has the release's keys and "
+        f"{CIFAR100N_RELEASE_ROWS:,} rows, but its SHA-256 is {digest}, while the release file has "
+        f"SHA-256 {CIFAR100N_RELEASE_SHA256}. It is a re-saved or edited copy ({noise_rate:.2%} of "
+        f"its noisy_label differ from clean_label; the release: {CIFAR100N_RELEASE_NOISE_RATE:.2%}), "
+        f"so results on it may not match the paper's. Use CIFAR-100_human.pt from {CIFAR_N_RELEASE}; "
+        f"if the copy is intended, silence this with "
+        f"warnings.filterwarnings('ignore', category=ModifiedLabelFileWarning).",
+        ModifiedLabelFileWarning,
+        stacklevel=3,
+    )
