@@ -187,12 +187,12 @@ class GAFMixin:
         scale, sizes = self._gaf_weighting(machinery, passes, items, num_items_in_batch)
         threshold = state.threshold(self.args.gaf_threshold)
         units = machinery.units if state.enabled else machinery.plain_units
-        received = machinery.received_anywhere()
         try:
             result = machinery.exchange(
                 machinery.buffer.buffer, threshold, self.args.gaf_rule,
                 out=machinery.buffer.gradient, scale=scale, sizes=sizes, units=units,
             )  # fmt: skip
+            received = machinery.received_anywhere()
         except RuntimeError as error:
             raise RuntimeError(f"GAF step {self.state.global_step + 1}: {error}") from error
         if sizes is not None and num_items_in_batch is not None and compat.loss_is_normalised_by_items(self, num_items_in_batch):
@@ -316,7 +316,13 @@ class _Machinery:
         received = self.buffer.received
         if dist.is_initialized() and dist.get_world_size() > 1:
             counts = received.to(torch.int32).to(self.buffer.buffer.device)
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            try:
+                dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"another rank did not answer within the process group's timeout ({error}). A rank may have hung "
+                    "or died. The timeout is ddp_timeout (TrainingArguments)."
+                ) from error
             received = counts.cpu().bool()
         return received
 

@@ -39,3 +39,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"needs the project's shared data at {SHARED_DATA}, which is absent on this machine")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Every test starts from a fresh accelerate state and environment.
+
+    accelerate keeps one process-wide state, and transformers 4.56 exports a Trainer's mixed
+    precision as `ACCELERATE_MIXED_PRECISION`: a Trainer built with `bf16=True` would leave it to
+    every later Trainer of the process.
+    """
+    environment = dict(os.environ)
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    os.environ.clear()
+    os.environ.update(environment)

@@ -10,9 +10,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback, TrainingArguments
 
-from hf_gaf import GAFTrainer, GAFTrainingArguments
+from hf_gaf import GAFTrainer, GAFTrainingArguments, compat
 from hf_gaf.state import TrainsNothingError
 
+from .lm_utils import InOrder, InOrderTrainer, NegateThird, SequenceDataset, collate, sequences, tiny_llama
 from .testing_utils import (
     BranchyClassifier,
     ClusterDataset,
@@ -188,6 +189,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert saved["stateful_callbacks"]["GAFState"]["attributes"]["total_steps"] == 4
 
 
+def test_the_adaptive_threshold_follows_the_recent_distances_and_resumes(tmp_path):
+    options = dict(
+        dataset=ClusterDataset(spread=3.0), gaf_threshold=1.0, gaf_adaptive_window=3, gaf_adaptive_std=0.5,
+        gradient_accumulation_steps=3, max_steps=8, save_strategy="steps", save_steps=4,
+    )  # fmt: skip
+    full, _ = train(str(tmp_path / "full"), **options)
+    thresholds = [e["gaf/threshold"] for e in full.state.log_history if "loss" in e]
+    assert thresholds[0] == 1.0 and any(t < 1.0 for t in thresholds), thresholds  # tau until 3 distances are seen
+    resumed, _ = train(str(tmp_path / "resumed"), resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"), **options)
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    assert [e["gaf/threshold"] for e in resumed.state.log_history if "loss" in e] == thresholds
+    assert resumed.gaf_state.state() == full.gaf_state.state()
+
+
 class SwitchOnAfter(TrainerCallback):
     """GAF after a warm-up of plain averaging: the run-time switch, flipped from a callback."""
 
@@ -283,3 +299,54 @@ def test_a_buffer_that_does_not_fit_is_refused_before_it_is_allocated(tmp_path, 
     monkeypatch.setattr("hf_gaf.trainer.available_memory", lambda device: 1_000)
     with pytest.raises(MemoryError, match=r"K=2 micro-gradients of P=195 parameters.*Lower gradient_accumulation_steps"):
         train(str(tmp_path), max_steps=1)
+
+
+# -- token-normalised losses ------------------------------------------------------------------------
+
+
+class GAFInOrderTrainer(InOrder, GAFTrainer):
+    pass
+
+
+class GAFNegatingTrainer(NegateThird, InOrder, GAFTrainer):
+    pass
+
+
+def _lm_run(tmp_path, name, trainer_class, args_class, lengths, steps, **gaf):
+    options = {
+        **_base(), "output_dir": str(tmp_path / name), "per_device_train_batch_size": 1, "max_steps": steps,
+        "gradient_accumulation_steps": len(lengths) // steps, "optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0,
+        "logging_steps": 1, **gaf,
+    }  # fmt: skip
+    model = tiny_llama()
+    trainer = trainer_class(
+        model=model, args=args_class(**options), train_dataset=SequenceDataset(sequences(lengths)), data_collator=collate
+    )
+    trainer.train()
+    return trainer
+
+
+def test_token_normalised_losses_at_threshold_two_are_the_plain_trainer(tmp_path):
+    lengths = [5, 17, 9, 12, 3, 21]  # micro-batches of very different token counts
+    gaf = _lm_run(tmp_path, "gaf", GAFInOrderTrainer, GAFTrainingArguments, lengths, 2, gaf_threshold=2.0)
+    plain = _lm_run(tmp_path, "plain", InOrderTrainer, TrainingArguments, lengths, 2)
+    assert gaf.gaf_last_result.sizes is not None, "the micro-batches were weighed by their tokens"
+    assert max_difference(gaf.model, plain.model) < 1e-6
+
+
+def test_the_update_is_the_plain_trainers_on_the_accepted_micro_batches_alone(tmp_path):
+    # The third micro-batch repeats the first with its loss negated: it disagrees and is rejected.
+    lengths, kept = [5, 19, 5], [5, 19]
+    gaf = _lm_run(tmp_path, "gaf", GAFNegatingTrainer, GAFTrainingArguments, lengths, 1, gaf_threshold=1.0)
+    assert gaf.gaf_last_result.accepted.tolist() == [True, True, False]
+    alone = InOrderTrainer(
+        model=tiny_llama(), data_collator=collate, train_dataset=SequenceDataset(sequences(lengths)[:2]),
+        args=TrainingArguments(**{**_base(), "output_dir": str(tmp_path / "alone"), "per_device_train_batch_size": 1,
+                                  "max_steps": 1, "gradient_accumulation_steps": len(kept), "optim": "sgd",
+                                  "learning_rate": 1.0, "max_grad_norm": 0.0}),
+    )  # fmt: skip
+    alone.train()
+    assert max_difference(gaf.model, alone.model) < 1e-6
+    # Weighing the accepted micro-gradients equally (K / |A| times their sum) would be off by this factor:
+    counts = [compat.count_items(gaf, collate([{"input_ids": ids}])) for ids in sequences(lengths)]
+    assert abs(len(lengths) * sum(counts[:2]) / (2 * sum(counts)) - 1) > 0.2

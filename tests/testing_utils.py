@@ -152,7 +152,10 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
     **overrides,
 ) -> tuple[Trainer, Recorder]:
-    """Train a `TinyClassifier` (or `model`) with `GAFTrainer` (`gaf=False`: the plain `Trainer`) on CPU."""
+    """Train a `TinyClassifier` (or `model`) with `GAFTrainer` (`gaf=False`: the plain `Trainer`) on CPU.
+
+    `callbacks` that have a `trainer` attribute get the trainer before training starts.
+    """
     options = {**BASE_OPTIONS, "output_dir": output_dir, **overrides}
     torch.manual_seed(model_seed)
     model = model if model is not None else TinyClassifier(num_classes=num_classes)
@@ -168,7 +171,9 @@ def train(
         train_dataset=dataset if dataset is not None else ClusterDataset(),
         callbacks=[recorder, *(callbacks or [])],
     )
-    recorder.trainer = trainer
+    for callback in (recorder, *(callbacks or [])):
+        if hasattr(callback, "trainer"):
+            callback.trainer = trainer
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer, recorder
 
