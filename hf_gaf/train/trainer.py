@@ -9,7 +9,6 @@ every micro-batch of every process and accumulation step sees every class.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,7 +29,8 @@ class ClassBalancedBatches:
         num_classes: `C` (default: the largest label + 1).
         *args, **kwargs: everything the Trainer (subclass) takes.
 
-    The epoch count reaches the sampler from `state.epoch` at every epoch's start, so a resumed
+    At every epoch's start the sampler's epoch is set from `state.global_step` (which, unlike
+    `state.epoch`, every transformers version has right when a resumed run begins), so a resumed
     run draws the batches the uninterrupted one drew.
     """
 
@@ -72,7 +72,7 @@ class ClassBalancedBatches:
 
 
 class _SamplerEpoch(TrainerCallback):
-    """Sets the balanced sampler's epoch from the Trainer's state when an epoch begins."""
+    """Sets the balanced sampler's epoch from the Trainer's step count when an epoch begins."""
 
     def __init__(self, trainer: ClassBalancedBatches):
         self.trainer = trainer
@@ -80,7 +80,7 @@ class _SamplerEpoch(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         sampler = self.trainer._balanced_sampler
         if sampler is not None:
-            sampler.set_epoch(math.floor(state.epoch or 0))
+            sampler.epoch = state.global_step // sampler.steps_per_epoch
 
 
 class ClassBalancedGAFTrainer(ClassBalancedBatches, GAFTrainer):

@@ -68,8 +68,8 @@ def test_too_few_batches_for_one_optimizer_step_is_refused():
 def test_same_seed_and_epoch_give_the_same_batches():
     first = ClassBalancedSampler(LABELS, 1, seed=7)
     second = ClassBalancedSampler(LABELS, 1, seed=7)
-    first.set_epoch(3)
-    second.set_epoch(3)
+    first.epoch = 3
+    second.epoch = 3
 
     assert batches_of(first) == batches_of(second)
 
@@ -77,19 +77,19 @@ def test_same_seed_and_epoch_give_the_same_batches():
 def test_epochs_and_seeds_reshuffle():
     sampler = ClassBalancedSampler(LABELS, 1, seed=0)
     epoch_0 = batches_of(sampler)
-    sampler.set_epoch(1)
+    sampler.epoch = 1
     epoch_1 = batches_of(sampler)
-    sampler.set_epoch(0)
+    sampler.epoch = 0
 
     assert batches_of(sampler) == epoch_0
     assert epoch_1 != epoch_0
     assert batches_of(ClassBalancedSampler(LABELS, 1, seed=1)) != epoch_0
 
 
-def test_each_pass_advances_the_epoch_when_set_epoch_is_not_called():
+def test_each_pass_advances_the_epoch():
     sampler = ClassBalancedSampler(LABELS, 1, seed=0)
     reference = ClassBalancedSampler(LABELS, 1, seed=0)
-    reference.set_epoch(1)
+    reference.epoch = 1
 
     batches_of(sampler)
 

@@ -40,10 +40,12 @@ class ClassBalancedSampler(Sampler[int]):
       permutation (an index never appears twice in one batch).
 
     Shuffling: each epoch draws new per-class permutations from ``(seed, epoch)``; the batches of
-    an epoch are a pure function of the labels, `seed` and `epoch`. :meth:`set_epoch` selects the
-    epoch; each pass also advances it by one, so reshuffling happens even when nobody
-    calls set_epoch (accelerate's ``BatchSamplerShard`` does not always forward it). Every process
-    builds the same batches from the same seed.
+    an epoch are a pure function of the labels, `seed` and `epoch`. Assign `epoch` to choose the
+    epoch the next pass yields; each pass advances it by one. There is deliberately no
+    ``set_epoch``: dataloader wrappers call it with counts of their own (accelerate's
+    ``skip_first_batches`` restarts at 0 when a run resumes mid-epoch), and
+    [`~hf_gaf.train.trainer.ClassBalancedBatches`] sets the epoch from the Trainer's step count
+    instead. Every process builds the same batches from the same seed.
 
     Distributed training and gradient accumulation: accelerate hands *whole* batches to processes
     (``split_batches=False``, its default), and every batch is balanced, so every micro-batch of
@@ -107,6 +109,7 @@ class ClassBalancedSampler(Sampler[int]):
                 f"smallest class fills only {num_batches}. Lower samples_per_class, the number of processes "
                 f"or gradient_accumulation_steps, or pass drop_last=False to cycle the smaller classes."
             )
+        self.batches_per_step = int(batches_per_step)
         self._num_batches = steps * batches_per_step
 
     @classmethod
@@ -141,13 +144,14 @@ class ClassBalancedSampler(Sampler[int]):
             batches_per_step=batches_per_step,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose batches the next iteration yields."""
-        self.epoch = epoch
-
     @property
     def num_batches(self) -> int:
         return self._num_batches
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps one epoch of batches makes, `batches_per_step` batches each."""
+        return self._num_batches // self.batches_per_step
 
     def __len__(self) -> int:
         return self._num_batches * self.batch_size
