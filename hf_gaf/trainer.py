@@ -86,6 +86,7 @@ class GAFMixin:
             )
         )
         self.add_callback(_SkipHandler(self))
+        self.add_callback(_SameDataOnEveryRank())
         self._gaf: _Machinery | None = None
         self.gaf_last_result: GAFResult | None = None
 
@@ -197,6 +198,8 @@ class GAFMixin:
             raise RuntimeError(f"GAF step {self.state.global_step + 1}: {error}") from error
         if sizes is not None and num_items_in_batch is not None and compat.loss_is_normalised_by_items(self, num_items_in_batch):
             machinery.check_item_counts(result, num_items_in_batch)
+        elif sizes is not None:
+            machinery.check_passes(result, self.state.global_step + 1)
         self.gaf_last_result = result
         state.record(result, filtered_units=None if units is None else ~np.asarray(units.averaged))
         buffer = machinery.buffer
@@ -329,6 +332,12 @@ class _Machinery:
     def updated_parameters(self, result: GAFResult) -> torch.Tensor:
         return result.updated[torch.from_numpy(self.unit_of_parameter)]
 
+    def check_passes(self, result: GAFResult, step: int) -> None:
+        """Raise if the processes ran different numbers of passes in this step (sizes of 1 and 0 tell)."""
+        passes = (result.sizes.reshape(-1, self.buffer.num_micro) > 0).sum(1).tolist()
+        if len(set(passes)) > 1:
+            raise _data_lengths_differ(f"the number of forward/backward passes in step {step}", passes)
+
     def check_item_counts(self, result: GAFResult, num_items_in_batch) -> None:
         counted = float(result.sizes.sum())
         expected = float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
@@ -338,6 +347,14 @@ class _Machinery:
                 f"num_items_in_batch={expected:g}, so the accepted micro-batches cannot be weighed. Override "
                 "gaf_num_items(inputs) to count the items of one micro-batch as your Trainer counts them."
             )
+
+
+def _data_lengths_differ(what: str, per_rank: list[int]) -> ValueError:
+    return ValueError(
+        f"The processes' training data have different lengths: {what} is {per_rank} by rank, so the ranks would "
+        "run different numbers of passes and steps (the process that runs out first leaves the others waiting). "
+        "Give the Trainer one map-style dataset, which it shards evenly, or IterableDatasets of equal length per rank."
+    )
 
 
 def _check_memory(trainer, order) -> None:
@@ -401,3 +418,19 @@ class _SkipHandler(TrainerCallback):
         scaler = trainer.accelerator.scaler
         if scaler is not None and scaler.is_enabled():
             scaler.update(new_scale=scaler.get_scale())
+
+
+class _SameDataOnEveryRank(TrainerCallback):
+    """Checks before the first step that every process has as many training batches as the others."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if not (dist.is_initialized() and dist.get_world_size() > 1) or train_dataloader is None:
+            return
+        try:
+            length = len(train_dataloader)
+        except TypeError:  # an iterable dataset: checked step by step
+            length = -1
+        lengths = [None] * dist.get_world_size()
+        dist.all_gather_object(lengths, length)
+        if len(set(lengths)) > 1:
+            raise _data_lengths_differ("the number of training batches", lengths)

@@ -150,6 +150,19 @@ def test_non_finite_microgradients_are_excluded_and_counted(tmp_path):
     assert trainer.gaf_last_result.non_finite.tolist() == [False, True, False]
 
 
+def test_huge_finite_gradients_are_compared_not_excluded(tmp_path):
+    class Huge(TinyClassifier):
+        def forward(self, x, labels=None):
+            out = super().forward(x, labels)
+            out["loss"] = out["loss"] * 1e20  # finite gradients whose float32 squares overflow
+            return out
+
+    torch.manual_seed(0)
+    trainer, recorder = train(str(tmp_path), model=Huge(), gaf_threshold=2.0, max_steps=2, optim="adamw_torch")
+    assert recorder.accepted == [[True, True]] * 2
+    assert trainer.gaf_state.total_excluded == 0 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 def test_a_run_that_trains_nothing_stops_with_the_reason(tmp_path):
     class AlwaysNaN(TinyClassifier):
         def forward(self, x, labels=None):

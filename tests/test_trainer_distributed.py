@@ -113,6 +113,13 @@ def test_a_bucket_size_that_differs_across_ranks_is_an_error_on_every_rank(launc
         assert report["bucket"].startswith("ValueError"), report["bucket"]
 
 
+def test_data_of_different_lengths_per_rank_are_named_before_training(launched):
+    for rank, report in enumerate(launched(2, "lengths", expect_failure=True)):
+        assert "training data have different lengths: the number of training batches is [6, 8] by rank" in report["lengths"], (
+            f"rank {rank}: {report['lengths']}"
+        )
+
+
 @pytest.mark.timeout(120)
 def test_a_hung_rank_makes_the_others_fail_within_ddp_timeout(launched):
     (report,) = launched(2, "hang", expect_failure=True, ranks=1)  # rank 1 stopped itself and wrote nothing

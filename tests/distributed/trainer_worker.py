@@ -13,6 +13,7 @@ Scenarios (each reports under its own keys):
   adaptive      the adaptive threshold: per-step digests and thresholds (rank identity).
   balanced      class-balanced batches (hf_gaf.train): the labels and indices of every micro-batch.
   bucket        gaf_bucket_size differs across ranks: the error every rank raises.
+  lengths       every rank trains on a dataset of another length: the error every rank raises.
   hang          the last rank stops itself (SIGSTOP) after step 2; ddp_timeout is 4 s: what the others raise.
 """
 
@@ -197,6 +198,11 @@ def run_bucket(out: str, rank: int, world: int) -> dict:
     return {"bucket": _error_of(lambda: train(f"{out}/bucket", gaf_bucket_size=16_384 if rank == 0 else 1 << 20))}
 
 
+def run_lengths(out: str, rank: int, world: int) -> dict:
+    dataset = ClusterDataset(size=48 + 16 * rank)  # each process brings data of its own length
+    return {"lengths": _error_of(lambda: train(f"{out}/lengths", dataset=dataset))}
+
+
 class StopAfter(TrainerCallback):
     def __init__(self, step: int):
         self.step = step
@@ -224,6 +230,7 @@ SCENARIOS = {
     "adaptive": run_adaptive,
     "balanced": run_balanced,
     "bucket": run_bucket,
+    "lengths": run_lengths,
     "hang": run_hang,
 }
 
@@ -238,7 +245,7 @@ def main() -> None:
         report.update(SCENARIOS[scenario](out, rank, world))
         print(f"rank {rank}: {scenario} took {time.perf_counter() - started:.1f}s", file=sys.stderr)
     dump(f"{out}/rank{rank}.json", report)
-    failed = any(report.get(name, "no error") != "no error" for name in ("bucket", "hang"))
+    failed = any(report.get(name, "no error") != "no error" for name in ("bucket", "lengths", "hang"))
     if dist.is_initialized() and not failed:
         dist.destroy_process_group()
     # The report is written. Skip interpreter finalization: there, gloo occasionally aborts
