@@ -38,9 +38,11 @@ from .checkpoints import last_complete_checkpoint
 from .data import (
     CIFAR100_MEAN,
     CIFAR100_STD,
+    FASHION_MNIST_CONFUSIONS,
     FLIPPED_COLUMN,
     NOISY_LABEL_COLUMN,
     HubUnreachableError,
+    add_class_dependent_label_noise,
     add_symmetric_label_noise,
     channel_mean_std,
     collate_image_classification,
@@ -106,7 +108,16 @@ class DataArguments:
     )
     noise_rate: float = field(
         default=0.4,
-        metadata={"help": "Fraction of training labels flipped to a different random class (symmetric noise)."},
+        metadata={"help": "Fraction of training labels flipped (see --noise_type)."},
+    )
+    noise_type: str = field(
+        default="symmetric",
+        metadata={
+            "help": "Where a flipped label goes: 'symmetric' (to a different random class) or 'class_dependent' (to "
+            "the class it is confused with, by the Fashion-MNIST confusion map "
+            "hf_gaf.train.data.FASHION_MNIST_CONFUSIONS: five swapped pairs such as Shirt and T-shirt/top).",
+            "choices": ["symmetric", "class_dependent"],
+        },
     )
     noise_seed: int = field(default=0, metadata={"help": "Seed of the label noise (independent of --seed)."})
     image_column: str | None = field(
@@ -287,6 +298,11 @@ def prepare_data(data_args: DataArguments, model_args: ModelArguments) -> dict[s
     if NOISY_LABEL_COLUMN in train.column_names:
         if data_args.noise_rate:
             print(f"--noise_rate ignored: the training split already carries {NOISY_LABEL_COLUMN!r} labels.")
+    elif data_args.noise_rate > 0 and data_args.noise_type == "class_dependent":
+        train = add_class_dependent_label_noise(
+            train, data_args.noise_rate, seed=data_args.noise_seed, confusions=FASHION_MNIST_CONFUSIONS,
+            label_column=label_column,
+        )
     elif data_args.noise_rate > 0:
         train = add_symmetric_label_noise(train, data_args.noise_rate, seed=data_args.noise_seed, label_column=label_column)
     train_label_column = NOISY_LABEL_COLUMN if NOISY_LABEL_COLUMN in train.column_names else label_column

@@ -8,7 +8,13 @@ from .cifar100n import CIFAR100_DATASET, attach_noisy_labels, load_cifar100n
 from .collator import collate_image_classification
 from .digits import load_digits_dataset
 from .hub import HubUnreachableError, hub_errors_explained, resolve_hub_file
-from .noise import FLIPPED_COLUMN, NOISY_LABEL_COLUMN, add_symmetric_label_noise
+from .noise import (
+    FASHION_MNIST_CONFUSIONS,
+    FLIPPED_COLUMN,
+    NOISY_LABEL_COLUMN,
+    add_class_dependent_label_noise,
+    add_symmetric_label_noise,
+)
 from .numpy_checkpoint import UntrustedPickleError, load_numpy_checkpoint
 from .transforms import (
     CIFAR100_MEAN,
@@ -23,12 +29,14 @@ __all__ = [
     "CIFAR100_DATASET",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "FASHION_MNIST_CONFUSIONS",
     "FLIPPED_COLUMN",
     "NOISY_LABEL_COLUMN",
     "ClassBalancedSampler",
     "HubUnreachableError",
     "ImageClassificationTransform",
     "UntrustedPickleError",
+    "add_class_dependent_label_noise",
     "add_symmetric_label_noise",
     "attach_noisy_labels",
     "channel_mean_std",
