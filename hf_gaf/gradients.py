@@ -14,8 +14,10 @@ in cache, and freed at once, so the next parameter's gradient reuses its memory.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -44,7 +46,8 @@ class GradientBuffer:
     Contract: [`~GradientBuffer.capturing`] moves the gradients of the backward passes run
     inside it into a row as soon as autograd has accumulated them, and clears `.grad`; a
     parameter without a gradient contributes zeros, and `received` records which parameters got
-    one since row 0 was last captured. The filtered gradient goes into [`~GradientBuffer.gradient`]
+    one since row 0 was last captured. The hooks that move them are registered once and do
+    nothing outside `capturing`; [`~GradientBuffer.close`] removes them. The filtered gradient goes into [`~GradientBuffer.gradient`]
     (pass it as the exchange's `out`), and [`~GradientBuffer.install`] makes every `.grad` a view
     of it, like DDP's `gradient_as_bucket_view`: no copy, no allocation per step.
     """
@@ -73,8 +76,10 @@ class GradientBuffer:
         self.buffer = torch.zeros(num_micro, total, dtype=self.dtype, device=self.params[0].device)
         self.received = torch.zeros(len(self.params), dtype=torch.bool)
         self._gradient: torch.Tensor | None = None
-        self._capture_row: list[torch.Tensor] | None = None  # per-parameter views while capturing
+        self._row_views = [[view for _, view in self._slices(row)] for row in self.buffer]
+        self._capture_row: list[torch.Tensor] | None = None  # the row's per-parameter views while capturing
         self._captured: list[bool] = []
+        self._hooks: list = []
 
     @staticmethod
     def required_bytes(params: Iterable[torch.nn.Parameter], num_micro: int, dtype: torch.dtype | None = None) -> int:
@@ -118,20 +123,15 @@ class GradientBuffer:
             raise IndexError(f"Micro-gradient index {k} is out of range for a buffer of {self.num_micro} rows.")
         if self._capture_row is not None:
             raise RuntimeError("GradientBuffer.capturing is already active; captures cannot be nested.")
-        row = self.buffer[k]
         if k == 0:
             self.received.zero_()
-        self._capture_row = [target for _, target in self._slices(row)]
+        if not self._hooks:
+            self._register_hooks()
+        self._capture_row = self._row_views[k]
         self._captured = [False] * len(self.params)
-        handles = [
-            p.register_post_accumulate_grad_hook(lambda p, i=i: self._move_grad(i, p))
-            for i, p in enumerate(self.params)
-        ]
         try:
-            yield row
+            yield self.buffer[k]
         finally:
-            for handle in handles:
-                handle.remove()
             with torch.no_grad():
                 for i, p in enumerate(self.params):
                     if p.grad is not None:
@@ -140,6 +140,23 @@ class GradientBuffer:
                         self._capture_row[i].zero_()
             self.received |= torch.tensor(self._captured)
             self._capture_row = None
+
+    def _register_hooks(self) -> None:
+        """One post-accumulate-grad hook per parameter, kept until `close`; idle outside `capturing`."""
+        buffer = weakref.ref(self)
+
+        def hook(param: torch.Tensor, index: int) -> None:
+            this = buffer()
+            if this is not None and this._capture_row is not None:
+                this._move_grad(index, param)
+
+        self._hooks = [p.register_post_accumulate_grad_hook(partial(hook, index=i)) for i, p in enumerate(self.params)]
+
+    def close(self) -> None:
+        """Remove the capture hooks from the parameters (a buffer replaced by another must be closed)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _move_grad(self, index: int, param: torch.Tensor) -> None:
         target = self._capture_row[index]

@@ -22,8 +22,9 @@ This module is pure math: no `torch.distributed`. The exchange strategies build 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,8 +58,13 @@ AGREEMENT_TOLERANCE = 1e-6
 # bfloat16, from 1K to 11M columns).
 GRAM_CHUNK = 1 << 14
 
-# Elements of the block per batched product: bounds the float32 copy of half-precision input.
-_GRAM_SPAN = 1 << 22
+# Elements of the block per batched product: bounds the float32 copy of half-precision input. An
+# accelerator takes far larger products at once, and would otherwise wait on kernel launches.
+_GRAM_SPAN_CPU = 1 << 22
+_GRAM_SPAN_ACCELERATOR = 1 << 26
+
+# Elements of the block whose Gram matrix and mean are taken in one go, while it is in cache.
+_FUSED_SPAN = 1 << 21
 
 
 def check_threshold(threshold: float) -> float:
@@ -287,39 +293,96 @@ def inner_products(
     if segments is None:
         if out is None:
             out = torch.zeros(len(x), len(y), dtype=torch.float64, device=x[0].device)
-        out += _products(x, y, 0, n)
+        out += _products(x, y, ((0, n, 0),), 1)[0]
         return out
     if out is None:
         raise ValueError("inner_products with segments needs out, an [U, A, B] float64 tensor.")
-    for lo, hi, unit in segments:
-        out[unit] += _products(x, y, lo, hi)
+    out += _products(x, y, segments, out.shape[0])
     return out
 
 
-def _products(x, y, start: int, stop: int) -> torch.Tensor:
-    """Columns `[start, stop)` of `x @ y.T` in float64 from float32 chunk products, in float64 if float32 overflowed."""
-    dtype = x[0].dtype
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
-    products = _chunked_products(x, y, start, stop, wide)
+def _products(x, y, segments, units: int) -> torch.Tensor:
+    """`[U, A, B]` float64: each segment's columns of `x @ y.T`, from float32 products (float64 if float32 overflowed)."""
+    wide = torch.float64 if x[0].dtype == torch.float64 else torch.float32
+    products = _segment_products(x, y, segments, units, wide)
     if wide != torch.float64 and not bool(torch.isfinite(products).all()):
-        products = _chunked_products(x, y, start, stop, torch.float64)
+        products = _segment_products(x, y, segments, units, torch.float64)
     return products
+
+
+def _segment_products(x, y, segments, units: int, dtype: torch.dtype) -> torch.Tensor:
+    """Segments of a Gram chunk or more go through batched chunk products; the short ones are summed at once.
+
+    Parameter tensors are short as often as long (biases, norms): one product per short segment
+    would cost more in calls than in arithmetic, so their columns are gathered into one block,
+    multiplied elementwise and summed per unit.
+    """
+    out = torch.zeros(units, len(x), len(y), dtype=torch.float64, device=x[0].device)
+    short = [(lo, hi, unit) for lo, hi, unit in segments if hi - lo < GRAM_CHUNK]
+    for lo, hi, unit in segments:
+        if hi - lo >= GRAM_CHUNK:
+            out[unit] += _chunked_products(x, y, lo, hi, dtype)
+    if short:
+        out += _short_segment_products(x, y, short, units, dtype)
+    return out
+
+
+def _short_segment_products(x, y, short, units: int, dtype: torch.dtype) -> torch.Tensor:
+    a, b = len(x), len(y)
+    device = x[0].device
+    columns = torch.cat([torch.arange(lo, hi, device=device) for lo, hi, _ in short])
+    owner = torch.cat([torch.full((hi - lo,), unit, device=device) for lo, hi, unit in short])
+    left = _gather_columns(x, columns).to(dtype)
+    right = left if y is x else _gather_columns(y, columns).to(dtype)
+    sums = torch.zeros(a * b, units, dtype=dtype, device=device)
+    span = max(1, _span(device) // (a * b))
+    for start in range(0, columns.numel(), span):
+        piece = slice(start, start + span)
+        products = (left[:, None, piece] * right[None, :, piece]).reshape(a * b, -1)
+        sums.index_add_(1, owner[piece], products)
+    return sums.T.reshape(units, a, b).to(torch.float64)
+
+
+def _gather_columns(rows, columns: torch.Tensor) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        return rows.index_select(1, columns)
+    return torch.stack([row.index_select(0, columns) for row in rows])
+
+
+def _span(device: torch.device) -> int:
+    return _GRAM_SPAN_CPU if device.type == "cpu" else _GRAM_SPAN_ACCELERATOR
+
+
+@contextlib.contextmanager
+def _ieee_float32(device: torch.device) -> Iterator[None]:
+    """float32 products in IEEE float32 on CUDA even when TF32 is allowed (TF32 errs by 1e-3 in cosines)."""
+    if device.type != "cuda":
+        yield
+        return
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def _chunked_products(x, y, first: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     a, b = len(x), len(y)
-    out = torch.zeros(a, b, dtype=torch.float64, device=x[0].device)
-    span = max(1, _GRAM_SPAN // (max(a, b) * GRAM_CHUNK)) * GRAM_CHUNK
-    for start in range(first, stop, span):
-        end = min(start + span, stop)
-        left = _columns(x, start, end).to(dtype)
-        right = left if y is x else _columns(y, start, end).to(dtype)
-        whole = left.shape[1] - left.shape[1] % GRAM_CHUNK
-        if whole:
-            lc, rc = (t[:, :whole].unflatten(1, (-1, GRAM_CHUNK)).transpose(0, 1) for t in (left, right))
-            out += torch.bmm(lc, rc.transpose(1, 2)).to(torch.float64).sum(0)  # [chunks, A, B] summed
-        if whole < left.shape[1]:
-            out += (left[:, whole:] @ right[:, whole:].T).to(torch.float64)
+    device = x[0].device
+    out = torch.zeros(a, b, dtype=torch.float64, device=device)
+    span = max(1, _span(device) // (max(a, b) * GRAM_CHUNK)) * GRAM_CHUNK
+    with _ieee_float32(device):
+        for start in range(first, stop, span):
+            end = min(start + span, stop)
+            left = _columns(x, start, end).to(dtype)
+            right = left if y is x else _columns(y, start, end).to(dtype)
+            whole = left.shape[1] - left.shape[1] % GRAM_CHUNK
+            if whole:
+                lc, rc = (t[:, :whole].unflatten(1, (-1, GRAM_CHUNK)).transpose(0, 1) for t in (left, right))
+                out += torch.bmm(lc, rc.transpose(1, 2)).to(torch.float64).sum(0)  # [chunks, A, B] summed
+            if whole < left.shape[1]:
+                out += (left[:, whole:] @ right[:, whole:].T).to(torch.float64)
     return out
 
 
@@ -592,13 +655,26 @@ def filter_microgradients(
     rows = as_rows(grads)
     units = _as_units(units, _numel(rows))
     sizes = _check_sizes(sizes, len(rows))
-    decision = decide(
-        gram_matrix(rows, units), threshold, rule, sizes=sizes, averaged=None if units is None else units.averaged
-    )
-    gradient = None
-    if not decision.skipped:
-        gradient = accepted_mean(rows, decision, out, scale=scale, sizes=sizes, units=units)
-    return decision.result(gradient, per_unit=units is not None)
+    averaged = None if units is None else units.averaged
+    if out is None or sizes is not None:
+        decision = decide(gram_matrix(rows, units), threshold, rule, sizes=sizes, averaged=averaged)
+        if decision.skipped:
+            return decision.result(None, per_unit=units is not None)
+        return decision.result(accepted_mean(rows, decision, out, scale=scale, units=units, sizes=sizes), units is not None)
+    # With an `out` to write into, the mean of every row is taken while each span of columns is in cache for
+    # the Gram matrix: it is the update whenever everything is accepted, and costs no pass over memory.
+    gram = torch.zeros(len(units) if units else 1, len(rows), len(rows), dtype=torch.float64, device=rows[0].device)
+    n, step = _numel(rows), _FUSED_SPAN // len(rows) // GRAM_CHUNK * GRAM_CHUNK or GRAM_CHUNK
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        span = _columns(rows, start, stop)
+        pieces = ((0, stop - start, 0),) if units is None else units.segments(start, stop)
+        inner_products(span, span, gram, segments=pieces)
+        mean_of_rows(list(span), out[start:stop], scale=scale)
+    decision = decide(gram, threshold, rule, averaged=averaged)
+    if not decision.skipped and not (decision.accepted.all() and decision.updated.all()):
+        accepted_mean(rows, decision, out, scale=scale, units=units)
+    return decision.result(out, per_unit=units is not None)
 
 
 def _as_units(units: Units | Sequence[int] | None, p: int) -> Units | None:

@@ -153,7 +153,8 @@ class GAFMixin:
         """
         machinery = self._gaf_machinery()
         num_items_in_batch = args[0] if args else kwargs.get("num_items_in_batch")
-        machinery.items.append(self.gaf_num_items(inputs))
+        if num_items_in_batch is not None:
+            machinery.items.append(self.gaf_num_items(inputs))
         with self.accelerator.no_sync(model), machinery.buffer.capturing(machinery.passes):
             loss = super().training_step(model, inputs, *args, **kwargs)
         machinery.passes += 1
@@ -170,9 +171,13 @@ class GAFMixin:
         return compat.count_items(self, inputs)
 
     def _gaf_machinery(self) -> _Machinery:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if self._gaf is None or not self._gaf.serves(named):
-            self._gaf = _Machinery.build(self, named)
+        """The step's buffer and exchange; rebuilt when a step begins after the trainable parameters changed."""
+        if self._gaf is None or self._gaf.passes == 0:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            if self._gaf is None or not self._gaf.serves(named):
+                if self._gaf is not None:
+                    self._gaf.buffer.close()
+                self._gaf = _Machinery.build(self, named)
         if self._gaf.passes >= self._gaf.buffer.num_micro:
             raise RuntimeError(
                 f"GAF captured more than gradient_accumulation_steps={self._gaf.buffer.num_micro} micro-gradients for "
@@ -185,7 +190,8 @@ class GAFMixin:
         passes, items = machinery.passes, machinery.items
         machinery.passes, machinery.items = 0, []
         state = self.gaf_state
-        scale, sizes = self._gaf_weighting(machinery, passes, items, num_items_in_batch)
+        normalised = num_items_in_batch is not None and compat.loss_is_normalised_by_items(self, num_items_in_batch)
+        scale, sizes = self._gaf_weighting(machinery, passes, items, num_items_in_batch if normalised else None)
         threshold = state.threshold(self.args.gaf_threshold)
         units = machinery.units if state.enabled else machinery.plain_units
         try:
@@ -196,7 +202,7 @@ class GAFMixin:
             received = machinery.received_anywhere()
         except RuntimeError as error:
             raise RuntimeError(f"GAF step {self.state.global_step + 1}: {error}") from error
-        if sizes is not None and num_items_in_batch is not None and compat.loss_is_normalised_by_items(self, num_items_in_batch):
+        if normalised:
             machinery.check_item_counts(result, num_items_in_batch)
         elif sizes is not None:
             machinery.check_passes(result, self.state.global_step + 1)
@@ -227,14 +233,14 @@ class GAFMixin:
         """The exchange's `scale` and `sizes`, so that the update is the plain Trainer's on the accepted micro-batches.
 
         Per-micro-batch mean losses were divided by the step's passes `k`: the update is `k` x
-        the mean of the accepted micro-gradients. Token-normalised losses were divided by the
-        step's `num_items_in_batch` `n` (times the number of processes when they average tokens
-        across devices): the update is `n / c` x their sum over the accepted micro-batches'
-        items, the token mean over the accepted micro-batches.
+        the mean of the accepted micro-gradients. Token-normalised losses (`num_items_in_batch`
+        given) were divided by the step's `num_items_in_batch` `n` (times the number of processes
+        when they average tokens across devices): the update is `n / c` x their sum over the
+        accepted micro-batches' items, the token mean over the accepted micro-batches.
         """
         k_max = machinery.buffer.num_micro
         absent = [0.0] * (k_max - passes)
-        if not compat.loss_is_normalised_by_items(self, num_items_in_batch) or num_items_in_batch is None:
+        if num_items_in_batch is None:
             return float(passes), None if passes == k_max else [1.0] * passes + absent
         if any(count is None for count in items):
             raise ValueError(

@@ -1,0 +1,56 @@
+"""What every benchmark script shares: where results go, JSON that stays standard, summaries, the machine.
+
+Benchmarks write `benchmarks/results/<name>.json` (and plots beside it); `--quick` smoke runs
+write `<name>_quick.*`, so that a smoke test never overwrites the published figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from hf_gaf.testing import machine
+
+__all__ = ["RESULTS_DIR", "command_line", "json_safe", "machine", "mean_std", "output_stem", "write_json"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def output_stem(name: str, *, quick: bool, tag: str = "") -> str:
+    """`name`, `name_quick` for smoke runs, with `_tag` for extra runs beside the published one."""
+    return "_".join([name, *(["quick"] if quick else []), *([tag] if tag else [])])
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, as written in the docs."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{script}", *arguments])
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None, so the JSON file is standard JSON (null, not NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the values that are not NaN (NaN, NaN if none)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
