@@ -260,7 +260,7 @@ class GAFExchange:
         own, own_buckets, own_segments = layout.shards[rank], layout.buckets[rank], layout.segments[rank]
         mine = slice(rank * k, (rank + 1) * k)
         # The other ranks' rows of this rank's shard, in canonical order without this rank's own,
-        # which are read in place from ``rows``.
+        # which are read in place from `rows`.
         recv = self._buffer("recv", (m - k, own.stop - own.start), rows[0])
 
         def bucket_rows(columns: slice) -> list[torch.Tensor]:

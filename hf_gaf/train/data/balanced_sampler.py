@@ -25,34 +25,34 @@ from .columns import column_as_numpy
 class ClassBalancedSampler(Sampler[int]):
     """Yield dataset indices whose consecutive groups of `batch_size` hold `samples_per_class` of every class.
 
-    Pass it to ``DataLoader(dataset, sampler=sampler, batch_size=sampler.batch_size, ...)`` (or
+    Pass it to `DataLoader(dataset, sampler=sampler, batch_size=sampler.batch_size, ...)` (or
     return it from a Trainer's `_get_train_sampler`). Every batch has
-    ``batch_size = samples_per_class * num_classes`` indices, in random order, none repeated;
-    ``len(sampler)`` is a whole number of batches.
+    `batch_size = samples_per_class * num_classes` indices, in random order, none repeated;
+    `len(sampler)` is a whole number of batches.
 
     Epoch contract (C classes with counts n_c, k = `samples_per_class`):
 
-    - ``drop_last=True`` (default): ``num_batches = min_c floor(n_c / k)``; every index is
+    - `drop_last=True` (default): `num_batches = min_c floor(n_c / k)`; every index is
       used at most once per epoch; rows of larger classes beyond that are left out of this epoch
       (a different random subset each epoch).
-    - ``drop_last=False``: ``num_batches = max_c ceil(n_c / k)``; every index is used at
+    - `drop_last=False`: `num_batches = max_c ceil(n_c / k)`; every index is used at
       least once per epoch; smaller classes are cycled, each pass over a class being a fresh
       permutation (an index never appears twice in one batch).
 
-    Shuffling: each epoch draws new per-class permutations from ``(seed, epoch)``; the batches of
+    Shuffling: each epoch draws new per-class permutations from `(seed, epoch)`; the batches of
     an epoch are a pure function of the labels, `seed` and `epoch`. Assign `epoch` to choose the
     epoch the next pass yields; each pass advances it by one. There is deliberately no
-    ``set_epoch``: dataloader wrappers call it with counts of their own (accelerate's
-    ``skip_first_batches`` restarts at 0 when a run resumes mid-epoch), and
+    `set_epoch`: dataloader wrappers call it with counts of their own (accelerate's
+    `skip_first_batches` restarts at 0 when a run resumes mid-epoch), and
     [`~hf_gaf.train.trainer.ClassBalancedBatches`] sets the epoch from the Trainer's step count
     instead. Every process builds the same batches from the same seed.
 
     Distributed training and gradient accumulation: accelerate hands *whole* batches to processes
-    (``split_batches=False``, its default), and every batch is balanced, so every micro-batch of
-    every process and every accumulation step is balanced. With ``split_batches=True`` a batch
+    (`split_batches=False`, its default), and every batch is balanced, so every micro-batch of
+    every process and every accumulation step is balanced. With `split_batches=True` a batch
     would be cut into pieces that are not balanced; do not use it with this sampler.
     `batches_per_step` (processes x accumulation steps) rounds the epoch's batch count to a
-    multiple of it (down with ``drop_last``, up otherwise), so that no optimizer step gets a
+    multiple of it (down with `drop_last`, up otherwise), so that no optimizer step gets a
     partial macrobatch: GAF needs every step's micro-gradients, and a lone one is always skipped.
     """
 
@@ -126,7 +126,7 @@ class ClassBalancedSampler(Sampler[int]):
         """Build the sampler from a ClassLabel column of `dataset` (ignoring any transform set on it).
 
         Balance on the labels the model is trained on: for a noisy training set that is the noisy
-        column (``noisy_label``), since the clean labels are unknown in a real noisy dataset.
+        column (`noisy_label`), since the clean labels are unknown in a real noisy dataset.
         """
         feature = dataset.features.get(label_column)
         if not isinstance(feature, ClassLabel):
@@ -157,7 +157,7 @@ class ClassBalancedSampler(Sampler[int]):
         return self._num_batches * self.batch_size
 
     def batches(self) -> np.ndarray:
-        """The next pass's batches, ``[num_batches, batch_size]``; advances the epoch by one."""
+        """The next pass's batches, `[num_batches, batch_size]`; advances the epoch by one."""
         rng = np.random.default_rng([self.seed, self.epoch])
         needed = self._num_batches * self.samples_per_class
         columns = [self._draw(indices, needed, rng) for indices in self._class_indices]

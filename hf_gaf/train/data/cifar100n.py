@@ -2,16 +2,16 @@
 
 CIFAR-100N (Wei et al., 2022) gives every CIFAR-100 training image one label from a human
 annotator; 40.2% of them disagree with the clean label. The release ships them as
-``CIFAR-100_human.pt``, a `torch.save` of numpy arrays (keys ``clean_label``, ``noisy_label``,
-``clean_coarse_label``, ``noisy_coarse_label``) in the order of the CIFAR-100 training split.
-Nothing in the file links a label to an image except that order, so :func:`attach_noisy_labels`
+`CIFAR-100_human.pt`, a `torch.save` of numpy arrays (keys `clean_label`, `noisy_label`,
+`clean_coarse_label`, `noisy_coarse_label`) in the order of the CIFAR-100 training split.
+Nothing in the file links a label to an image except that order, so [`attach_noisy_labels`]
 checks it: the file's clean labels must equal the dataset's labels row by row.
 
 A label file can also load and still be wrong. Labels must be integer arrays: float labels would
 be truncated by a cast (and NaN would become a huge negative class), so they are refused. The
-official release is recognised by its SHA-256 (:data:`CIFAR100N_RELEASE_SHA256`); a file shaped
+official release is recognised by its SHA-256 ([`CIFAR100N_RELEASE_SHA256`]); a file shaped
 like the release with another digest is an edited or re-saved copy, and loading it warns
-(:class:`ModifiedLabelFileWarning`), because results on it are not comparable with the paper's.
+([`ModifiedLabelFileWarning`]), because results on it are not comparable with the paper's.
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ CIFAR100_DATASET = "uoft-cs/cifar100"
 CIFAR_N_RELEASE = "https://github.com/UCSC-REAL/cifar-10-100n (data/CIFAR-100_human.pt)"
 
 CIFAR100N_RELEASE_SHA256 = "3ca5e261fcff3a50f5c19044daa342e6b5392eb0ef70c5b9761766f5f9c68192"
-"""SHA-256 of ``CIFAR-100_human.pt`` as published in the CIFAR-N release (1,600,879 bytes)."""
+"""SHA-256 of `CIFAR-100_human.pt` as published in the CIFAR-N release (1,600,879 bytes)."""
 
 CIFAR100N_RELEASE_KEYS = frozenset({"clean_label", "noisy_label", "clean_coarse_label", "noisy_coarse_label"})
-"""The keys of the release file, each holding :data:`CIFAR100N_RELEASE_ROWS` labels."""
+"""The keys of the release file, each holding [`CIFAR100N_RELEASE_ROWS`] labels."""
 
 CIFAR100N_RELEASE_ROWS = 50_000
 
 CIFAR100N_RELEASE_NOISE_RATE = 0.402
-"""Fraction of the release's ``noisy_label`` that differ from ``clean_label`` (20,100 of 50,000)."""
+"""Fraction of the release's `noisy_label` that differ from `clean_label` (20,100 of 50,000)."""
 
 
 class ModifiedLabelFileWarning(UserWarning):
@@ -51,7 +51,7 @@ class ModifiedLabelFileWarning(UserWarning):
 
     It may be a legitimate re-save (same labels, new bytes) or an edited copy; either way results on
     it are not guaranteed to match the paper's. Silence it with
-    ``warnings.filterwarnings("ignore", category=ModifiedLabelFileWarning)`` once you have checked the file.
+    `warnings.filterwarnings("ignore", category=ModifiedLabelFileWarning)` once you have checked the file.
     """
 
 
@@ -74,27 +74,27 @@ def load_cifar100n(
     """Load CIFAR-100 with CIFAR-100N's human labels on its training split.
 
     Args:
-        dataset: anything :func:`datasets.load_dataset` accepts with the layout of
-            ``uoft-cs/cifar100`` (columns ``img``, ``fine_label``, ``coarse_label``; splits
-            ``train`` and ``test``): the Hub id, or a local folder holding the same parquet files.
+        dataset: anything [`datasets.load_dataset`] accepts with the layout of
+            `uoft-cs/cifar100` (columns `img`, `fine_label`, `coarse_label`; splits
+            `train` and `test`): the Hub id, or a local folder holding the same parquet files.
         noisy_labels: the CIFAR-100N label file: a local path, or a file on the Hub as
-            ``"hf://datasets/<repo_id>[@<revision>]/<path in repo>"`` or its
-            ``https://huggingface.co/...`` URL (see :func:`hf_gaf.train.data.hub.resolve_hub_file`).
-        noisy_label_key: which noisy labels to attach: ``"noisy_label"`` (100 fine classes,
-            checked against ``fine_label``) or ``"noisy_coarse_label"`` (20 superclasses, checked
-            against ``coarse_label``).
+            `"hf://datasets/<repo_id>[@<revision>]/<path in repo>"` or its
+            `https://huggingface.co/...` URL (see [`hf_gaf.train.data.hub.resolve_hub_file`]).
+        noisy_label_key: which noisy labels to attach: `"noisy_label"` (100 fine classes,
+            checked against `fine_label`) or `"noisy_coarse_label"` (20 superclasses, checked
+            against `coarse_label`).
         cache_dir: Hugging Face cache directory for both the dataset and the label file.
         token: Hub token for private repositories (default: the logged-in user, if any).
-        **load_dataset_kwargs: passed to :func:`datasets.load_dataset` (e.g. ``revision``).
+        **load_dataset_kwargs: passed to [`datasets.load_dataset`] (e.g. `revision`).
 
     Returns:
-        The DatasetDict of `dataset`; its ``train`` split gains ``noisy_label`` (a ClassLabel with
-        the names of the checked column) and ``label_flipped`` (bool). Other splits are unchanged,
+        The DatasetDict of `dataset`; its `train` split gains `noisy_label` (a ClassLabel with
+        the names of the checked column) and `label_flipped` (bool). Other splits are unchanged,
         so they keep clean labels.
 
     Raises:
         ValueError: the label file holds non-integer labels or does not match the training split
-            (see :func:`attach_noisy_labels`); both are checked before the images are loaded,
+            (see [`attach_noisy_labels`]); both are checked before the images are loaded,
             except the row-by-row alignment, which needs them.
         CorruptCheckpointError: the label file fails its zip CRC-32 check (it was damaged).
         UntrustedPickleError: the label file contains anything but numpy arrays.
@@ -103,7 +103,7 @@ def load_cifar100n(
 
     Warns:
         ModifiedLabelFileWarning: the label file has the release's keys and 50,000 rows but not
-            the release's SHA-256 (:data:`CIFAR100N_RELEASE_SHA256`): an edited or re-saved copy.
+            the release's SHA-256 ([`CIFAR100N_RELEASE_SHA256`]): an edited or re-saved copy.
     """
     try:
         label_path = resolve_hub_file(noisy_labels, cache_dir=cache_dir, token=token)
@@ -141,8 +141,8 @@ def attach_noisy_labels(
     """Add CIFAR-N style human labels to `train` after checking they describe the same images.
 
     `labels` is the content of a CIFAR-N label file. The checks: both label arrays used (e.g.
-    ``clean_label`` and ``noisy_label``) have an integer dtype; the clean labels have one entry
-    per row of `train` and equal its label column (e.g. ``fine_label``) at every row; the noisy
+    `clean_label` and `noisy_label`) have an integer dtype; the clean labels have one entry
+    per row of `train` and equal its label column (e.g. `fine_label`) at every row; the noisy
     labels are classes of that column. A mismatch means the file and the dataset list images in
     different orders (or are different datasets), and every noisy label would land on the wrong
     image, so it is an error, naming the first mismatching row. `source` names the file in errors.
@@ -195,7 +195,7 @@ def _checked_label_arrays(
     """The clean key, dataset column, clean labels and noisy labels for `noisy_label_key`, checked.
 
     Checks what needs no dataset (known key, keys present, integer dtypes), so that
-    :func:`load_cifar100n` refuses a wrong file before it loads any image.
+    [`load_cifar100n`] refuses a wrong file before it loads any image.
     """
     if noisy_label_key not in CLEAN_COUNTERPARTS:
         raise ValueError(f"noisy_label_key must be one of {sorted(CLEAN_COUNTERPARTS)}, got {noisy_label_key!r}.")
@@ -216,7 +216,7 @@ def _integer_labels(values: Any, key: str, source: str) -> np.ndarray:
 
     Floats are refused even when every value is integral: a file that stores class indices as
     floats was not written as a label file, and a cast would silently truncate 3.7 to 3 and turn
-    NaN into -2**63, so ``label_flipped`` and the trained labels would disagree with the file.
+    NaN into -2**63, so `label_flipped` and the trained labels would disagree with the file.
     The message locates the first NaN, infinite or fractional value to help find the fault.
     """
     array = np.asarray(values).reshape(-1)
@@ -246,7 +246,7 @@ def _integer_labels(values: Any, key: str, source: str) -> np.ndarray:
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of the file's bytes, read in chunks (``hashlib.file_digest`` needs Python 3.11)."""
+    """Hex SHA-256 of the file's bytes, read in chunks (`hashlib.file_digest` needs Python 3.11)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
@@ -255,7 +255,7 @@ def _sha256(path: str | os.PathLike[str]) -> str:
 
 
 def _warn_if_modified_release(path: str | os.PathLike[str], labels: Any, source: str) -> None:
-    """Warn with :class:`ModifiedLabelFileWarning` if `labels` look like the release but `path` is not it.
+    """Warn with [`ModifiedLabelFileWarning`] if `labels` look like the release but `path` is not it.
 
     "Look like the release": exactly the release's keys, each with 50,000 entries. Smaller or
     differently keyed files are someone's own labels and are not compared. The digest is of the

@@ -1,4 +1,4 @@
-"""Collate transformed rows into the batch an image classifier's ``forward`` takes."""
+"""Collate transformed rows into the batch an image classifier's `forward` takes."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 
 
 def collate_image_classification(examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack rows of ``{"pixel_values": tensor [C, H, W], "labels": int}`` into one batch.
+    """Stack rows of `{"pixel_values": tensor [C, H, W], "labels": int}` into one batch.
 
-    Returns ``pixel_values`` (float tensor [B, C, H, W]) and ``labels`` (long tensor [B]), the
+    Returns `pixel_values` (float tensor [B, C, H, W]) and `labels` (long tensor [B]), the
     keyword arguments of transformers image classifiers, so it serves as a Trainer's
-    ``data_collator``. Rows come from a dataset with
-    :func:`hf_gaf.train.data.image_classification_transform` set on it.
+    `data_collator`. Rows come from a dataset with
+    [`hf_gaf.train.data.image_classification_transform`] set on it.
     """
     if not examples:
         raise ValueError("Cannot collate an empty batch.")

@@ -1,7 +1,7 @@
 """Reaching the Hugging Face Hub: file references and what to do when the Hub is out of reach.
 
 Everything in `hf_gaf.train.data` that may touch the network goes through this module, so a missing
-connection always ends in the same :class:`HubUnreachableError`, whose message says how to run
+connection always ends in the same [`HubUnreachableError`], whose message says how to run
 offline instead of showing a retry log and a cache miss.
 """
 
@@ -28,10 +28,10 @@ LOCAL_ALTERNATIVES = (
 _HUB_URL_PREFIXES = ("https://huggingface.co/", "https://hf.co/")
 
 _REPO_TYPE_PREFIXES = {"models": "model", "datasets": "dataset", "spaces": "space"}
-"""Plural type prefixes of ``hf://`` URIs and web URLs, for repositories whose files can be downloaded."""
+"""Plural type prefixes of `hf://` URIs and web URLs, for repositories whose files can be downloaded."""
 
 _FILE_URL_ROUTES = frozenset({"blob", "resolve", "raw", "blame"})
-"""Web routes that show one file: ``/<route>/<revision>/<path in repo>``."""
+"""Web routes that show one file: `/<route>/<revision>/<path in repo>`."""
 
 # Revisions that contain "/": pull request refs and conversion refs (e.g. refs/convert/parquet).
 _SPECIAL_REVISION = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)(?=/|$)")
@@ -39,7 +39,7 @@ _SPECIAL_REVISION = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)(?=/|$)")
 
 @dataclass(frozen=True)
 class _HubFile:
-    """One file in a Hub repository, as :func:`huggingface_hub.hf_hub_download` takes it."""
+    """One file in a Hub repository, as [`huggingface_hub.hf_hub_download`] takes it."""
 
     repo_type: str
     repo_id: str
@@ -53,9 +53,9 @@ class HubUnreachableError(ConnectionError):
 
 @contextlib.contextmanager
 def hub_errors_explained(resource: str) -> Iterator[None]:
-    """Turn connection failures raised inside the block into a :class:`HubUnreachableError`.
+    """Turn connection failures raised inside the block into a [`HubUnreachableError`].
 
-    `resource` names what was being fetched (e.g. ``"dataset 'uoft-cs/cifar100'"``); the message
+    `resource` names what was being fetched (e.g. `"dataset 'uoft-cs/cifar100'"`); the message
     adds the cause and how to run offline. Other errors (a missing repository, a typo in a
     file name) pass through unchanged: they are not about the network.
     """
@@ -92,8 +92,8 @@ def _is_offline_mode(error: BaseException) -> bool:
 def is_hub_file_reference(reference: str | os.PathLike[str]) -> bool:
     """Whether `reference` names a file on the Hub rather than a local path.
 
-    Hub references are ``hf://`` URIs and Hugging Face web URLs; anything else is a local path.
-    Plain ``"org/repo/file"`` strings are deliberately *not* Hub references: they are
+    Hub references are `hf://` URIs and Hugging Face web URLs; anything else is a local path.
+    Plain `"org/repo/file"` strings are deliberately *not* Hub references: they are
     indistinguishable from relative paths.
     """
     text = os.fspath(reference)
@@ -110,18 +110,18 @@ def resolve_hub_file(
 
     Accepted forms:
 
-    - a local path (``"CIFAR-100_human.pt"``, ``Path("labels/CIFAR-100_human.pt")``): returned as is,
+    - a local path (`"CIFAR-100_human.pt"`, `Path("labels/CIFAR-100_human.pt")`): returned as is,
       after checking it exists;
-    - an ``hf://`` URI, ``hf://[<type>s/]<repo_id>[@<revision>]/<path in repo>`` with type
-      ``models``, ``datasets`` or ``spaces``, e.g.
-      ``"hf://datasets/my-org/cifar-100n@main/CIFAR-100_human.pt"`` (without a type prefix the
+    - an `hf://` URI, `hf://[<type>s/]<repo_id>[@<revision>]/<path in repo>` with type
+      `models`, `datasets` or `spaces`, e.g.
+      `"hf://datasets/my-org/cifar-100n@main/CIFAR-100_human.pt"` (without a type prefix the
       repository is a model repository, as everywhere in huggingface_hub; a revision may be a ref
-      such as ``refs/pr/3`` or URL-quoted, ``feature%2Fx``);
-    - a Hugging Face web URL to the file (its ``blob``, ``resolve`` or ``raw`` link), e.g.
-      ``"https://huggingface.co/datasets/my-org/cifar-100n/blob/main/CIFAR-100_human.pt"``.
+      such as `refs/pr/3` or URL-quoted, `feature%2Fx`);
+    - a Hugging Face web URL to the file (its `blob`, `resolve` or `raw` link), e.g.
+      `"https://huggingface.co/datasets/my-org/cifar-100n/blob/main/CIFAR-100_human.pt"`.
 
     References are parsed locally, the same way on every supported huggingface_hub version, and
-    without contacting the Hub. Hub files are fetched with :func:`huggingface_hub.hf_hub_download`
+    without contacting the Hub. Hub files are fetched with [`huggingface_hub.hf_hub_download`]
     into `cache_dir` (default: the Hugging Face cache), so HF_HUB_OFFLINE=1 and a warm cache work
     as usual.
 
@@ -156,19 +156,19 @@ def resolve_hub_file(
 
 
 def _parse_hub_file_reference(text: str) -> _HubFile:
-    """Split an ``hf://`` URI or a Hugging Face file URL into repository type, id, revision and path.
+    """Split an `hf://` URI or a Hugging Face file URL into repository type, id, revision and path.
 
     Parsed here, offline, because huggingface_hub has no parser for both forms across the supported
-    versions (0.34 to 2.x): ``parse_hf_uri`` is recent, and ``HfFileSystem.resolve_path`` asks the
-    Hub whether the repository exists. The grammar is ``parse_hf_uri``'s:
+    versions (0.34 to 2.x): `parse_hf_uri` is recent, and `HfFileSystem.resolve_path` asks the
+    Hub whether the repository exists. The grammar is `parse_hf_uri`'s:
 
-    - ``hf://[<type>s/]<namespace>/<name>[@<revision>]/<path in repo>``; the revision may be
-      URL-quoted (``feature%2Fx``) or a ref containing slashes (``refs/pr/3``, ``refs/convert/parquet``);
-    - ``https://huggingface.co/[<type>s/]<namespace>/<name>/<blob|resolve|raw|blame>/<revision>/<path>``
-      (or ``https://hf.co/...``), with percent-encoded segments; a query or fragment is ignored.
+    - `hf://[<type>s/]<namespace>/<name>[@<revision>]/<path in repo>`; the revision may be
+      URL-quoted (`feature%2Fx`) or a ref containing slashes (`refs/pr/3`, `refs/convert/parquet`);
+    - `https://huggingface.co/[<type>s/]<namespace>/<name>/<blob|resolve|raw|blame>/<revision>/<path>`
+      (or `https://hf.co/...`), with percent-encoded segments; a query or fragment is ignored.
 
     Without a type prefix the repository is a model repository. The repository id is checked with
-    :func:`huggingface_hub.utils.validate_repo_id`.
+    [`huggingface_hub.utils.validate_repo_id`].
 
     Raises:
         ValueError: the reference is malformed ("is not a valid Hub file reference") or names a

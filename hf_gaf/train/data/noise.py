@@ -1,17 +1,17 @@
 """Synthetic label noise: symmetric (the GAF paper's CIFAR-100 noise) and class-dependent.
 
 The noisy labels go to a new column and the clean labels stay where they were, so one dataset
-serves both sides of a label-noise experiment: training reads ``noisy_label`` as its labels,
-metrics compare predictions with the clean column and, through ``label_flipped``, measure
-memorisation on exactly the corrupted rows. CIFAR-100N (:func:`hf_gaf.train.data.load_cifar100n`)
+serves both sides of a label-noise experiment: training reads `noisy_label` as its labels,
+metrics compare predictions with the clean column and, through `label_flipped`, measure
+memorisation on exactly the corrupted rows. CIFAR-100N ([`hf_gaf.train.data.load_cifar100n`])
 produces the same three columns, so downstream code does not care where the noise came from.
 
-Both kinds flip exactly ``round(rate * n)`` rows chosen from `seed`; they differ in where a
+Both kinds flip exactly `round(rate * n)` rows chosen from `seed`; they differ in where a
 flipped label goes:
 
-- symmetric (:func:`add_symmetric_label_noise`): to a class drawn uniformly from the others, so
+- symmetric ([`add_symmetric_label_noise`]): to a class drawn uniformly from the others, so
   the wrong labels of a class are spread over all the other classes;
-- class-dependent (:func:`add_class_dependent_label_noise`): to the one class a fixed confusion
+- class-dependent ([`add_class_dependent_label_noise`]): to the one class a fixed confusion
   map names for it (e.g. Shirt to T-shirt/top), as human annotators err. Every wrong label of a
   class then points the same way, a harder case for a filter that looks for agreement: two
   micro-batches with the same kind of mistake can agree with each other.
@@ -70,7 +70,7 @@ def add_symmetric_label_noise(
 
     Contract (n rows, C classes):
 
-    - exactly ``round(rate * n)`` rows are flipped, chosen uniformly without replacement;
+    - exactly `round(rate * n)` rows are flipped, chosen uniformly without replacement;
     - a flipped row's noisy label is drawn uniformly from the C - 1 classes *other* than its clean
       label, so every flip really changes the label;
     - `noisy_column` is a ClassLabel with the same names as `label_column`; `flipped_column` is a
@@ -118,9 +118,9 @@ def add_class_dependent_label_noise(
 
     Contract (n rows):
 
-    - exactly ``round(rate * n)`` rows are flipped, chosen uniformly without replacement among
+    - exactly `round(rate * n)` rows are flipped, chosen uniformly without replacement among
       the rows whose clean class the map names (every row, when it names every class);
-    - a flipped row's noisy label is ``confusions[clean label]``, never the clean label itself;
+    - a flipped row's noisy label is `confusions[clean label]`, never the clean label itself;
     - columns as in [`add_symmetric_label_noise`]: `noisy_column` a ClassLabel with the names of
       `label_column`, `flipped_column` bool, `label_column` untouched;
     - the result depends only on `seed`, `confusions` and the clean labels.
@@ -129,7 +129,7 @@ def add_class_dependent_label_noise(
         TypeError: `dataset` is a DatasetDict.
         ValueError: as [`add_symmetric_label_noise`]; also when the map names a class the
             ClassLabel does not have, maps a class to itself or names one class twice, or when
-            fewer rows than ``round(rate * n)`` belong to the classes it names.
+            fewer rows than `round(rate * n)` belong to the classes it names.
     """
     feature = _check_noise_arguments(
         dataset, rate, "add_class_dependent_label_noise", label_column, noisy_column, flipped_column

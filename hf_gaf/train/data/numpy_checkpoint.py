@@ -1,18 +1,18 @@
 """Load a `torch.save` file of numpy arrays without allowing arbitrary code to run.
 
-Label files such as CIFAR-N's ``CIFAR-100_human.pt`` are pickles: loading one with
-``weights_only=False`` lets whoever wrote it run code on your machine. :func:`load_numpy_checkpoint`
-loads with ``weights_only=True`` and allowlists, for this one load, only the numpy globals that
+Label files such as CIFAR-N's `CIFAR-100_human.pt` are pickles: loading one with
+`weights_only=False` lets whoever wrote it run code on your machine. [`load_numpy_checkpoint`]
+loads with `weights_only=True` and allowlists, for this one load, only the numpy globals that
 rebuild plain numeric arrays, and only those the file actually names. Any other global (a function,
 an arbitrary class) means the file is not a plain array file, and it is refused before unpickling.
 
-numpy 2 renamed ``numpy.core`` to ``numpy._core``; files written with numpy 1 (like the CIFAR-N
-release) name ``numpy.core.multiarray._reconstruct``. Globals are therefore allowlisted under the
+numpy 2 renamed `numpy.core` to `numpy._core`; files written with numpy 1 (like the CIFAR-N
+release) name `numpy.core.multiarray._reconstruct`. Globals are therefore allowlisted under the
 name written in the file, mapped to the object that exists in the installed numpy.
 
 `torch.save` writes a zip archive that stores a CRC-32 checksum of every member, but `torch.load`
 never checks them: a file damaged by a bad download or disk (one flipped bit is enough) loads
-silently with wrong values. The checksums are therefore verified with :mod:`zipfile` before
+silently with wrong values. The checksums are therefore verified with [`zipfile`] before
 anything is unpickled.
 """
 
@@ -65,7 +65,7 @@ class CorruptCheckpointError(ValueError):
 def load_numpy_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Load `path`, a `torch.save` file holding (containers of) numeric numpy arrays, safely.
 
-    Returns whatever was saved (for CIFAR-N label files: a ``dict[str, np.ndarray]``).
+    Returns whatever was saved (for CIFAR-N label files: a `dict[str, np.ndarray]`).
 
     Every member of the archive is checked against its stored CRC-32 first, so a damaged file is
     refused instead of loading with wrong values.
@@ -73,8 +73,8 @@ def load_numpy_checkpoint(path: str | os.PathLike[str]) -> Any:
     Raises:
         CorruptCheckpointError: a member of the archive fails its CRC-32 check, or the archive's
             headers are damaged (a `ValueError`). Nothing from the file is unpickled.
-        UntrustedPickleError: the file names a global outside :data:`SAFE_NUMPY_GLOBALS`
-            (e.g. ``os.system`` or a custom class). Nothing from the file is executed.
+        UntrustedPickleError: the file names a global outside [`SAFE_NUMPY_GLOBALS`]
+            (e.g. `os.system` or a custom class). Nothing from the file is executed.
         ValueError: the file is not a `torch.save` checkpoint (not a zip archive, or a truncated one).
     """
     path = os.fspath(path)

@@ -1,21 +1,23 @@
-"""Image preprocessing for classification, applied lazily with ``Dataset.set_transform``.
+"""Image preprocessing for classification, applied lazily with `Dataset.set_transform`.
 
 Training uses the paper's CIFAR augmentation (random crop with zero padding 4, horizontal flip)
 then per-channel normalisation; evaluation only normalises. Transforms run on the fly when rows
 are read, so the dataset on disk stays the original images and each epoch sees new augmentations.
 
-Typical use::
+Typical use:
 
-    mean, std = CIFAR100_MEAN, CIFAR100_STD          # or channel_mean_std(splits["train"])
-    train = splits["train"].with_transform(
-        image_classification_transform(train=True, mean=mean, std=std, label_column="noisy_label")
-    )
-    test = splits["test"].with_transform(
-        image_classification_transform(train=False, mean=mean, std=std, label_column="fine_label")
-    )
+```python
+mean, std = CIFAR100_MEAN, CIFAR100_STD          # or channel_mean_std(splits["train"])
+train = splits["train"].with_transform(
+    image_classification_transform(train=True, mean=mean, std=std, label_column="noisy_label")
+)
+test = splits["test"].with_transform(
+    image_classification_transform(train=False, mean=mean, std=std, label_column="fine_label")
+)
+```
 
-Rows then read as ``{"pixel_values": float tensor [C, H, W], "labels": int}``, ready for
-:func:`hf_gaf.train.data.collate_image_classification`.
+Rows then read as `{"pixel_values": float tensor [C, H, W], "labels": int}`, ready for
+[`hf_gaf.train.data.collate_image_classification`].
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 class RandomPaddedCrop(nn.Module):
     """Zero-pad by `padding` on every side, then crop a random window of the input's own size.
 
-    The CIFAR augmentation of the paper (``RandomCrop(32, padding=4)``) for any image size, so the
+    The CIFAR augmentation of the paper (`RandomCrop(32, padding=4)`) for any image size, so the
     same pipeline serves 32x32 CIFAR, 8x8 digits and resized inputs.
     """
 
@@ -72,7 +74,7 @@ def image_transform(
     Args:
         train: add the training augmentation (random padded crop, horizontal flip).
         mean, std: per-channel normalisation statistics of the training images, in [0, 1] units.
-        image_size: resize to ``image_size x image_size`` first (e.g. 224 for a ViT/16);
+        image_size: resize to `image_size x image_size` first (e.g. 224 for a ViT/16);
             None keeps the stored size.
         crop_padding: zero padding of the random crop (4 in the paper).
         num_channels: 3 converts grayscale to RGB (models built for RGB), 1 converts to
@@ -110,10 +112,10 @@ def _convert_channels_to_float(num_channels: int | None) -> list[Callable[[Any],
 
 @dataclass
 class ImageClassificationTransform:
-    """A batch transform for ``Dataset.set_transform`` / ``with_transform``.
+    """A batch transform for `Dataset.set_transform` / `with_transform`.
 
-    Reads `image_column` and `label_column` and returns ``pixel_values`` (one tensor per row,
-    from `image_transform`) and ``labels``. Other columns are not returned: a model's forward
+    Reads `image_column` and `label_column` and returns `pixel_values` (one tensor per row,
+    from `image_transform`) and `labels`. Other columns are not returned: a model's forward
     takes exactly these two. Choose `label_column` per split: the noisy column for training, the
     clean one for evaluation.
     """
@@ -147,7 +149,7 @@ def image_classification_transform(
     crop_padding: int = 4,
     num_channels: int | None = 3,
 ) -> ImageClassificationTransform:
-    """The transform to pass to ``Dataset.with_transform``; arguments as in :func:`image_transform`."""
+    """The transform to pass to `Dataset.with_transform`; arguments as in [`image_transform`]."""
     pipeline = image_transform(
         train=train, mean=mean, std=std, image_size=image_size, crop_padding=crop_padding, num_channels=num_channels
     )
@@ -160,9 +162,9 @@ def channel_mean_std(
     """Per-channel mean and standard deviation of a split's images, in [0, 1] units.
 
     Compute them on the training split and use them for every split. Images are converted as by
-    :func:`image_transform` with the same `num_channels` (no resize, no augmentation). Decodes
+    [`image_transform`] with the same `num_channels` (no resize, no augmentation). Decodes
     every image once: instant for the digits, about a minute for CIFAR-100's 50,000 images (use
-    :data:`CIFAR100_MEAN` / :data:`CIFAR100_STD` there).
+    [`CIFAR100_MEAN`] / [`CIFAR100_STD`] there).
     """
     to_image = v2.ToImage()
     to_float = v2.Compose(_convert_channels_to_float(num_channels))
