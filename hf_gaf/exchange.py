@@ -81,13 +81,13 @@ from .rule import (
     Units,
     _as_units,
     _columns,
+    _decide,
     _numel,
     accepted_mean,
     as_rows,
     check_rule,
     check_scale,
     check_threshold,
-    decide,
     filter_microgradients,
     gram_matrix,
     inner_products,
@@ -244,7 +244,7 @@ class GAFExchange:
         _all_gather_single(gathered, _block(rows), group=self.group)
         gram = gram_matrix(gathered, units)
         sizes = call.compare(_all_gather_small(call.header(), self.group))
-        decision = decide(gram, call.threshold, call.rule, sizes=sizes, averaged=_averaged(units))
+        decision = _decide(gram, call.threshold, call.rule, sizes, _averaged(units))
         gradient = None
         if not decision.skipped:
             gradient = call.destination(self, p, rows[0])
@@ -298,7 +298,7 @@ class GAFExchange:
         gram = parts[0].clone()
         for part in parts[1:]:
             gram += part
-        decision = decide(gram, call.threshold, call.rule, sizes=sizes, averaged=_averaged(units))
+        decision = _decide(gram, call.threshold, call.rule, sizes, _averaged(units))
         if decision.skipped:
             return decision.result(None, per_unit=units is not None)
 

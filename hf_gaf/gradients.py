@@ -76,6 +76,7 @@ class GradientBuffer:
         self.buffer = torch.zeros(num_micro, total, dtype=self.dtype, device=self.params[0].device)
         self.received = torch.zeros(len(self.params), dtype=torch.bool)
         self._gradient: torch.Tensor | None = None
+        self._gradient_views: list[torch.Tensor] = []
         self._row_views = [[view for _, view in self._slices(row)] for row in self.buffer]
         self._capture_row: list[torch.Tensor] | None = None  # the row's per-parameter views while capturing
         self._captured: list[bool] = []
@@ -95,9 +96,15 @@ class GradientBuffer:
     @property
     def gradient(self) -> torch.Tensor:
         """The `[P]` tensor behind the `.grad` views that [`~GradientBuffer.install`] sets."""
+        self._gradient_slices()
+        return self._gradient
+
+    def _gradient_slices(self) -> list[torch.Tensor]:
+        """Each parameter's view of the gradient, allocated on first use."""
         if self._gradient is None:
             self._gradient = torch.empty(self.numel, dtype=self.dtype, device=self.buffer.device)
-        return self._gradient
+            self._gradient_views = [view for _, view in self._slices(self._gradient)]
+        return self._gradient_views
 
     def _slices(self, flat: torch.Tensor):
         for p, start in zip(self.params, self.offsets):
@@ -179,7 +186,7 @@ class GradientBuffer:
         if len(chosen) != len(self.params):
             raise ValueError(f"install got {len(chosen)} flags for {len(self.params)} parameters.")
         with torch.no_grad():
-            for (p, view), keep in zip(self._slices(self.gradient), chosen):
+            for p, view, keep in zip(self.params, self._gradient_slices(), chosen):
                 p.grad = (view if view.dtype == p.dtype else view.to(p.dtype)) if keep else None
 
     def write_back(self, flat: torch.Tensor, parameters: torch.Tensor | Sequence[bool] | None = None) -> None:

@@ -444,8 +444,11 @@ def decide(
     counted as excluded). The answer is a deterministic function of its inputs, so identical
     Gram matrices give identical decisions on every process.
     """
-    tau = check_threshold(threshold)
-    check_rule(rule)
+    return _decide(gram, check_threshold(threshold), check_rule(rule), sizes, averaged)
+
+
+def _decide(gram: torch.Tensor, tau: float, rule: str, sizes, averaged) -> Decision:
+    """`decide` on arguments already checked."""
     grams = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
     if grams.ndim == 2:
         grams = grams[None]
@@ -649,15 +652,13 @@ def filter_microgradients(
     Returns:
         A [`GAFResult`]; `gradient` is `[P]` in the input dtype, or None if skipped.
     """
-    check_threshold(threshold)
-    check_rule(rule)
-    scale = check_scale(scale)
+    tau, rule, scale = check_threshold(threshold), check_rule(rule), check_scale(scale)
     rows = as_rows(grads)
     units = _as_units(units, _numel(rows))
     sizes = _check_sizes(sizes, len(rows))
     averaged = None if units is None else units.averaged
     if out is None or sizes is not None:
-        decision = decide(gram_matrix(rows, units), threshold, rule, sizes=sizes, averaged=averaged)
+        decision = _decide(gram_matrix(rows, units), tau, rule, sizes, averaged)
         if decision.skipped:
             return decision.result(None, per_unit=units is not None)
         return decision.result(accepted_mean(rows, decision, out, scale=scale, units=units, sizes=sizes), units is not None)
@@ -671,7 +672,7 @@ def filter_microgradients(
         pieces = ((0, stop - start, 0),) if units is None else units.segments(start, stop)
         inner_products(span, span, gram, segments=pieces)
         mean_of_rows(list(span), out[start:stop], scale=scale)
-    decision = decide(gram, threshold, rule, averaged=averaged)
+    decision = _decide(gram, tau, rule, None, averaged)
     if not decision.skipped and not (decision.accepted.all() and decision.updated.all()):
         accepted_mean(rows, decision, out, scale=scale, units=units)
     return decision.result(out, per_unit=units is not None)
