@@ -15,7 +15,17 @@ from typing import Any
 
 from hf_gaf.testing import machine
 
-__all__ = ["RESULTS_DIR", "command_line", "json_safe", "machine", "mean_std", "output_stem", "write_json"]
+__all__ = [
+    "RESULTS_DIR",
+    "command_line",
+    "json_safe",
+    "machine",
+    "mean_std",
+    "output_stem",
+    "pyplot",
+    "save_figure",
+    "write_json",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -54,3 +64,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (benchmarks run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, title: str, *, dpi: int = 120) -> Path:
+    """Title, lay out and write a benchmark's figure as PNG, then free it."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path

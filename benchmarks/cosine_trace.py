@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import noise_sweep  # the sibling benchmark: same configuration, same run function
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling modules
+import noise_sweep  # noqa: E402  (the sibling benchmark: same configuration, same run function)
+from common import command_line, machine, output_stem, pyplot, save_figure, write_json  # noqa: E402
 
 REFERENCE_THRESHOLDS = (0.97, 1.0)
 
@@ -58,7 +59,7 @@ class TraceArguments(noise_sweep.SweepArguments):
 
     @property
     def stem(self) -> str:
-        return "_".join(["cosine_trace", *(["quick"] if self.quick else []), *([self.tag] if self.tag else [])])
+        return output_stem("cosine_trace", quick=self.quick, tag=self.tag)
 
 
 def step_distances(run: dict[str, Any]) -> list[float]:
@@ -87,10 +88,7 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(runs: list[dict[str, Any]], path: Path, window: int, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     fig, (ax, ax_hist) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1]})
@@ -116,10 +114,7 @@ def plot(runs: list[dict[str, Any]], path: Path, window: int, title: str) -> Non
     ax_hist.set(xlabel="steps", title="distribution", ylim=(0.0, 1.6))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -144,16 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"  {100 * r['fraction_above_0.97']:4.0f}%  {100 * r['fraction_above_1']:4.0f}% | {100 * r['skipped_fraction']:4.0f}%")
     print(f"\n{len(runs)} runs in {wall / 60:.1f} min wall")
 
-    command = "python benchmarks/cosine_trace.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     result = {
-        "benchmark": "cosine_trace", "command": command.strip(), "config": config, "machine": noise_sweep.machine(),
-        "wall_seconds": wall, "summary": rows,
+        "benchmark": "cosine_trace", "command": command_line("cosine_trace.py", argv), "config": config,
+        "machine": machine("transformers", "timm"), "wall_seconds": wall, "summary": rows,
         "runs": [{**{k: v for k, v in run.items() if k != "trace_distances"}, "distances": run["trace_distances"]} for run in runs],
     }
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / f"{args.stem}.json", out_dir / f"{args.stem}.png"
-    json_path.write_text(json.dumps(noise_sweep.json_safe(result), allow_nan=False) + "\n")
+    json_path, png_path = write_json(out_dir / f"{args.stem}.json", result), out_dir / f"{args.stem}.png"
     title = (f"digits 8x8, {args.model_name} {json.loads(args.model_kwargs)}, M = 2 micro-batches x 10 (1/class), "
              f"SGD lr {args.learning_rate:g} momentum {args.momentum:g} wd {args.weight_decay:g}")
     plot(runs, png_path, args.window, title)

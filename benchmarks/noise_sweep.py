@@ -35,8 +35,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +45,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling modules
+from common import RESULTS_DIR, command_line, machine, mean_std, output_stem, pyplot, save_figure, write_json  # noqa: E402
+
 MAX_JOBS = 2  # the benchmark machine has 2 shared cores
 
 
@@ -104,7 +104,7 @@ class SweepArguments:
 
     @property
     def stem(self) -> str:
-        return "_".join(["noise_sweep", *(["quick"] if self.quick else []), *([self.tag] if self.tag else [])])
+        return output_stem("noise_sweep", quick=self.quick, tag=self.tag)
 
 
 def training_argv(config: dict[str, Any], noise_rate: float, threshold: float, seed: int, output_dir: str) -> list[str]:
@@ -157,6 +157,7 @@ def run_one(
 
     from hf_gaf.train import build_trainer, evaluate_run
 
+    os.environ["OMP_NUM_THREADS"] = str(config["threads"])  # the entry point keeps what the environment chose
     torch.set_num_threads(config["threads"])
     hf_logging.set_verbosity_error()
     started = time.perf_counter()
@@ -188,13 +189,6 @@ def run_one(
     } | traced
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise(runs: list[dict[str, Any]], noise_rates: list[float], thresholds: list[float]) -> list[dict[str, Any]]:
     """One row per (noise, tau): means and standard deviations over seeds, and the gain over tau = 2."""
     rows = []
@@ -203,11 +197,11 @@ def summarise(runs: list[dict[str, Any]], noise_rates: list[float], thresholds: 
         base_acc = {r["seed"]: r["test_accuracy"] for r in baseline}
         for tau in thresholds:
             group = sorted((r for r in runs if r["noise_rate"] == noise and r["threshold"] == tau), key=lambda r: r["seed"])
-            acc, acc_std = _mean_std([r["test_accuracy"] for r in group])
-            mem, mem_std = _mean_std([r["memorized"] for r in group])
-            skip, _ = _mean_std([r["skipped_fraction"] for r in group])
+            acc, acc_std = mean_std([r["test_accuracy"] for r in group])
+            mem, mem_std = mean_std([r["memorized"] for r in group])
+            skip, _ = mean_std([r["skipped_fraction"] for r in group])
             gains = [r["test_accuracy"] - base_acc[r["seed"]] for r in group if r["seed"] in base_acc]
-            gain, gain_std = _mean_std(gains)
+            gain, gain_std = mean_std(gains)
             rows.append({
                 "noise_rate": noise, "threshold": tau, "seeds": [r["seed"] for r in group],
                 "test_accuracy_mean": acc, "test_accuracy_std": acc_std,
@@ -238,10 +232,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_acc, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
     thresholds = sorted({r["threshold"] for r in rows})
@@ -266,39 +257,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path, tit
     for ax in (ax_acc, ax_mem):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with NaN replaced by None, so the JSON file is standard JSON (null, not NaN)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def machine() -> dict[str, Any]:
-    import timm
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__,
-        "load_average_at_end": list(os.getloadavg()),  # the machine is shared: context for the timings
-    }
+    save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -326,15 +285,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     print(f"\n{len(runs)} runs in {wall / 60:.1f} min wall ({sum(r['cpu_seconds'] for r in runs) / 60:.1f} min CPU in the runs)")
 
-    command = "python benchmarks/noise_sweep.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     result = {
-        "benchmark": "noise_sweep", "command": command.strip(), "config": config, "machine": machine(),
-        "wall_seconds": wall, "summary": rows, "runs": runs,
+        "benchmark": "noise_sweep", "command": command_line("noise_sweep.py", argv), "config": config,
+        "machine": machine("transformers", "timm"), "wall_seconds": wall, "summary": rows, "runs": runs,
     }
     out_dir = Path(sweep.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / f"{sweep.stem}.json", out_dir / f"{sweep.stem}.png"
-    json_path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
+    json_path, png_path = write_json(out_dir / f"{sweep.stem}.json", result), out_dir / f"{sweep.stem}.png"
     kwargs = json.loads(sweep.model_kwargs)
     title = (f"digits (8x8, {len(sweep.seeds)} seeds), {sweep.model_name} {kwargs}, M = 2 x 10 (1/class), "
              f"{sweep.max_steps} steps, SGD lr {sweep.learning_rate:g} mom {sweep.momentum:g} wd {sweep.weight_decay:g}")
