@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from hf_gaf.testing import machine
 
 __all__ = [
@@ -42,14 +45,19 @@ def command_line(script: str, argv: list[str] | None) -> str:
 
 
 def json_safe(value: Any) -> Any:
-    """`value` with NaN and infinities replaced by None, so the JSON file is standard JSON (null, not NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """`value` as standard JSON types: numpy and 0-d tensor scalars unwrapped, NaN and infinities as None
+    (null, not NaN), keys as strings, anything else as its repr."""
+    if isinstance(value, (np.generic, torch.Tensor)) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+        return {str(key): json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
+        return [json_safe(item) for item in value]
+    return repr(value)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
