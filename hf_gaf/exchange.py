@@ -83,6 +83,7 @@ from .rule import (
     _columns,
     _decide,
     _numel,
+    _staging,
     accepted_mean,
     as_rows,
     check_rule,
@@ -275,11 +276,12 @@ class GAFExchange:
         rounds = [self._scatter_round(rows, recv, layout, j) for j in range(layout.rounds)]
         gradient = call.destination(self, p, rows[0])
         blocks = torch.zeros((u, m, m), dtype=torch.float64, device=rows[0].device)  # own rows first
+        staging = _staging(rows, max((c.stop - c.start for c in own_buckets), default=1))
         for j, posted in enumerate(rounds):
             _wait(posted, "its shard of the micro-gradients")
             if j < len(own_buckets):
                 columns, segments = own_buckets[j], own_segments[j]
-                ours = _columns(rows, columns.start, columns.stop)
+                ours = _columns(rows, columns.start, columns.stop, staging)
                 theirs = recv[:, _shift(columns, own.start)]
                 inner_products(ours, ours, blocks[:, :k, :k], segments=segments)
                 inner_products(ours, theirs, blocks[:, :k, k:], segments=segments)

@@ -243,11 +243,27 @@ def as_rows(grads: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list
     return rows
 
 
-def _columns(rows: torch.Tensor | list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
-    """Columns `[start, stop)` of the rows as one `[M, n]` tensor: a view of a block, a copy of a list's spans."""
+def _columns(
+    rows: torch.Tensor | list[torch.Tensor], start: int, stop: int, staging: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Columns `[start, stop)` of the rows as one `[M, n]` tensor: a view of a block, a copy of a list's spans.
+
+    A list's spans are copied into `staging` (flat, at least `M n` elements) when given: a loop
+    over spans then reuses one buffer instead of allocating, and page-faulting, one per span.
+    """
     if isinstance(rows, torch.Tensor):
         return rows[:, start:stop]
-    return torch.stack([row[start:stop] for row in rows])
+    pieces = [row[start:stop] for row in rows]
+    if staging is None:
+        return torch.stack(pieces)
+    return torch.stack(pieces, out=staging[: len(pieces) * (stop - start)].view(len(pieces), stop - start))
+
+
+def _staging(rows: torch.Tensor | list[torch.Tensor], width: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """The reusable buffer `_columns` copies spans of up to `width` columns of a list into (None for a block)."""
+    if isinstance(rows, torch.Tensor):
+        return None
+    return torch.empty(len(rows) * min(width, _numel(rows)), dtype=dtype or rows[0].dtype, device=rows[0].device)
 
 
 def _numel(rows: torch.Tensor | list[torch.Tensor]) -> int:
@@ -372,11 +388,13 @@ def _chunked_products(x, y, first: int, stop: int, dtype: torch.dtype) -> torch.
     device = x[0].device
     out = torch.zeros(a, b, dtype=torch.float64, device=device)
     span = max(1, _span(device) // (max(a, b) * GRAM_CHUNK)) * GRAM_CHUNK
+    x_staging = _staging(x, min(span, stop - first))
+    y_staging = None if y is x else _staging(y, min(span, stop - first))
     with _ieee_float32(device):
         for start in range(first, stop, span):
             end = min(start + span, stop)
-            left = _columns(x, start, end).to(dtype)
-            right = left if y is x else _columns(y, start, end).to(dtype)
+            left = _columns(x, start, end, x_staging).to(dtype)
+            right = left if y is x else _columns(y, start, end, y_staging).to(dtype)
             whole = left.shape[1] - left.shape[1] % GRAM_CHUNK
             if whole:
                 lc, rc = (t[:, :whole].unflatten(1, (-1, GRAM_CHUNK)).transpose(0, 1) for t in (left, right))
@@ -666,9 +684,10 @@ def filter_microgradients(
     # the Gram matrix: it is the update whenever everything is accepted, and costs no pass over memory.
     gram = torch.zeros(len(units) if units else 1, len(rows), len(rows), dtype=torch.float64, device=rows[0].device)
     n, step = _numel(rows), _FUSED_SPAN // len(rows) // GRAM_CHUNK * GRAM_CHUNK or GRAM_CHUNK
+    staging = _staging(rows, step)
     for start in range(0, n, step):
         stop = min(start + step, n)
-        span = _columns(rows, start, stop)
+        span = _columns(rows, start, stop, staging)
         pieces = ((0, stop - start, 0),) if units is None else units.segments(start, stop)
         inner_products(span, span, gram, segments=pieces)
         mean_of_rows(list(span), out[start:stop], scale=scale)

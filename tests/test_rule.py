@@ -372,3 +372,17 @@ def test_a_list_of_rows_gives_the_bits_of_a_block():
     rows = [row.clone() for row in block]
     assert torch.equal(gram_matrix(rows), gram_matrix(block))
     assert torch.equal(filter_microgradients(rows, 2.0).gradient, filter_microgradients(block, 2.0).gradient)
+
+
+def test_a_list_of_rows_is_read_span_by_span_as_a_block():
+    # With `out`, the rows are read in spans of about a million columns (the last one short), a
+    # list's spans staged in one reused buffer. The mean is elementwise: the same bits. The float32
+    # products of the Gram matrix depend on the rows' memory stride (the BLAS kernel), which a
+    # staged span does not share with the block, so they agree to rounding.
+    gen = torch.Generator().manual_seed(15)
+    block = torch.randn(2, 2_500_001, generator=gen)
+    rows = [row.clone() for row in block]
+    from_rows = filter_microgradients(rows, 2.0, out=torch.empty(block.shape[1]), scale=2.0)
+    from_block = filter_microgradients(block, 2.0, out=torch.empty(block.shape[1]), scale=2.0)
+    assert torch.equal(from_rows.gradient, from_block.gradient) and torch.equal(from_block.gradient, block.sum(0))
+    torch.testing.assert_close(from_rows.distances, from_block.distances, rtol=1e-9, atol=0, equal_nan=True)
