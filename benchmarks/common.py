@@ -1,4 +1,5 @@
-"""What every benchmark script shares: where results go, JSON that stays standard, summaries, the machine.
+"""What every benchmark script shares: where results go, JSON that stays standard, summaries, the machine,
+and the training recipe of the accuracy sweeps.
 
 Benchmarks write `benchmarks/results/<name>.json` (and plots beside it); `--quick` smoke runs
 write `<name>_quick.*`, so that a smoke test never overwrites the published figures.
@@ -10,6 +11,7 @@ import json
 import math
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +21,60 @@ import torch
 from hf_gaf.testing import machine
 
 __all__ = [
+    "MAX_JOBS",
     "RESULTS_DIR",
+    "RecipeArguments",
     "command_line",
     "json_safe",
     "machine",
     "mean_std",
     "output_stem",
     "pyplot",
+    "recipe_argv",
     "save_figure",
     "write_json",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MAX_JOBS = 2  # the benchmark machine has 2 shared cores
+
+
+@dataclass
+class RecipeArguments:
+    """How every run of an accuracy sweep trains, and how many train at once (defaults: the published recipe).
+
+    The sweeps' argument classes extend it; [`recipe_argv`] turns it into the entry point's flags.
+    """
+
+    learning_rate: float = field(default=0.05, metadata={"help": "SGD learning rate (constant)."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers LR scheduler."})
+    model_name: str = field(default="resnet18", metadata={"help": "timm architecture."})
+    model_kwargs: str = field(
+        default='{"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}',
+        metadata={"help": "JSON object of timm keyword arguments (default: a narrow ResNet-10, 0.32M parameters)."},
+    )
+    augment: bool = field(default=False, metadata={"help": "Random padded crop + horizontal flip on training images."})
+    threads: int = field(default=1, metadata={"help": "torch threads per run."})
+    jobs: int = field(default=2, metadata={"help": f"Runs training at once, at most {MAX_JOBS}."})
+
+    def __post_init__(self):
+        if not 1 <= self.jobs <= MAX_JOBS:
+            raise ValueError(f"--jobs must be 1 or {MAX_JOBS} (the machine has {MAX_JOBS} shared cores), got {self.jobs}.")
+        json.loads(self.model_kwargs)
+
+
+def recipe_argv(config: dict[str, Any]) -> list[str]:
+    """The `python -m hf_gaf.train` flags of a [`RecipeArguments`] (as `dataclasses.asdict`)."""
+    return [
+        "--learning_rate", str(config["learning_rate"]),
+        "--optim", "sgd", "--optim_args", f"momentum={config['momentum']}",
+        "--weight_decay", str(config["weight_decay"]),
+        "--lr_scheduler_type", config["lr_scheduler_type"],
+        "--model_name", config["model_name"], "--model_kwargs", config["model_kwargs"],
+        "--augment", str(config["augment"]),
+    ]  # fmt: skip
 
 
 def output_stem(name: str, *, quick: bool, tag: str = "") -> str:

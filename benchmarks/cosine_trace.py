@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling modules
 import noise_sweep  # noqa: E402  (the sibling benchmark: same configuration, same run function)
-from common import command_line, machine, output_stem, pyplot, save_figure, write_json  # noqa: E402
+from common import RecipeArguments, command_line, machine, output_stem, pyplot, save_figure, write_json  # noqa: E402
 
 REFERENCE_THRESHOLDS = (0.97, 1.0)
 
@@ -53,9 +53,7 @@ class TraceArguments(noise_sweep.SweepArguments):
         if self.quick:
             self.noise_rates, self.thresholds, self.seeds = [0.4], [2.0], [0]
             self.max_steps = min(self.max_steps, 10)
-        if not 1 <= self.jobs <= noise_sweep.MAX_JOBS:
-            raise ValueError(f"--jobs must be 1 or {noise_sweep.MAX_JOBS}, got {self.jobs}.")
-        json.loads(self.model_kwargs)
+        RecipeArguments.__post_init__(self)  # not the sweep's: averaging alone is a trace, not a comparison
 
     @property
     def stem(self) -> str:

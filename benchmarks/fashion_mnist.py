@@ -66,11 +66,21 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, machine, mean_std, output_stem, pyplot, save_figure, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    RecipeArguments,
+    command_line,
+    machine,
+    mean_std,
+    output_stem,
+    pyplot,
+    recipe_argv,
+    save_figure,
+    write_json,
+)
 
 NAME = "fashion_mnist"
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist"
-MAX_JOBS = 2  # the benchmark machine has 2 shared cores
 NUM_CLASSES = 10
 MICRO_BATCH = NUM_CLASSES  # one image of each class
 MICROBATCHES = 2  # per optimizer step, as in the paper
@@ -175,7 +185,7 @@ FOUR_MICROBATCHES = ["averaging_m4", "gaf_0.97_m4", "gaf_0.97_best_start_m4", "p
 
 
 @dataclass
-class FashionMNISTArguments:
+class FashionMNISTArguments(RecipeArguments):
     """What to run and how each run trains (defaults: the published configuration)."""
 
     dataset: str = field(
@@ -220,18 +230,6 @@ class FashionMNISTArguments:
         },
     )
     eval_every_samples: int = field(default=2000, metadata={"help": "Training samples between periodic evaluations."})
-    learning_rate: float = field(default=0.05, metadata={"help": "SGD learning rate (constant)."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers LR scheduler."})
-    model_name: str = field(default="resnet18", metadata={"help": "timm architecture."})
-    model_kwargs: str = field(
-        default='{"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}',
-        metadata={"help": "JSON object of timm keyword arguments (default: a narrow ResNet-10, 0.32M parameters)."},
-    )
-    augment: bool = field(default=False, metadata={"help": "Random padded crop + horizontal flip on training images."})
-    threads: int = field(default=1, metadata={"help": "torch threads per run."})
-    jobs: int = field(default=2, metadata={"help": f"Runs training at once, at most {MAX_JOBS}."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: a handful of tiny runs, one seed."})
     output_dir: str = field(default=str(RESULTS_DIR), metadata={"help": "Where the JSON and PNG files go."})
     tag: str = field(default="", metadata={"help": "Suffix of the output names, for runs beside the published ones."})
@@ -245,9 +243,7 @@ class FashionMNISTArguments:
             self.seeds = [0]
             self.max_train_samples, self.validation_size, self.max_eval_samples, self.curve_samples = 200, 100, 500, 100
             self.max_steps, self.eval_every_samples = 40, 400
-        if not 1 <= self.jobs <= MAX_JOBS:
-            raise ValueError(f"--jobs must be 1 or {MAX_JOBS} (the machine has {MAX_JOBS} cores), got {self.jobs}.")
-        json.loads(self.model_kwargs)
+        super().__post_init__()
         noise = [Noise.parse(text) for text in self.noise]
         if Noise.parse(self.figure_noise) not in noise:
             raise ValueError(f"--figure_noise {self.figure_noise} is not in --noise {self.noise}.")
@@ -313,12 +309,7 @@ def training_argv(
         "--per_device_train_batch_size", str(MICRO_BATCH * arm.batch_multiplier),
         "--gradient_accumulation_steps", str(arm.microbatches),
         "--max_steps", str(steps),
-        "--learning_rate", str(config["learning_rate"]),
-        "--optim", "sgd", "--optim_args", f"momentum={config['momentum']}",
-        "--weight_decay", str(config["weight_decay"]),
-        "--lr_scheduler_type", config["lr_scheduler_type"],
-        "--model_name", config["model_name"], "--model_kwargs", config["model_kwargs"],
-        "--augment", str(config["augment"]),
+        *recipe_argv(config),
         "--per_device_eval_batch_size", "500",
         "--use_cpu", "True",
         "--output_dir", output_dir,

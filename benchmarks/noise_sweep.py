@@ -46,13 +46,22 @@ from typing import Any
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling modules
-from common import RESULTS_DIR, command_line, machine, mean_std, output_stem, pyplot, save_figure, write_json  # noqa: E402
-
-MAX_JOBS = 2  # the benchmark machine has 2 shared cores
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    RecipeArguments,
+    command_line,
+    machine,
+    mean_std,
+    output_stem,
+    pyplot,
+    recipe_argv,
+    save_figure,
+    write_json,
+)
 
 
 @dataclass
-class SweepArguments:
+class SweepArguments(RecipeArguments):
     """What to sweep and how each run trains (defaults: the published configuration)."""
 
     noise_rates: list[float] = field(
@@ -68,23 +77,8 @@ class SweepArguments:
         metadata={"help": "Seeds: each sets the label noise, the initial weights and the batch order."},
     )
     max_steps: int = field(default=2000, metadata={"help": "Optimizer steps per run (skipped GAF steps count)."})
-    learning_rate: float = field(default=0.05, metadata={"help": "SGD learning rate (constant)."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers LR scheduler."})
-    model_name: str = field(default="resnet18", metadata={"help": "timm architecture."})
-    model_kwargs: str = field(
-        default='{"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}',
-        metadata={"help": "JSON object of timm keyword arguments for the architecture."},
-    )
     image_size: int = field(default=8, metadata={"help": "Input size (the digits are 8x8; larger upsamples)."})
-    augment: bool = field(
-        default=False,
-        metadata={"help": "Train with the library's augmentation (random padded crop + horizontal flip)."},
-    )
     crop_padding: int = field(default=1, metadata={"help": "Padding of the random crop when --augment."})
-    threads: int = field(default=1, metadata={"help": "torch threads per run."})
-    jobs: int = field(default=2, metadata={"help": f"Runs training at once, at most {MAX_JOBS}."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: noise 0 and 0.4, tau 0.97 and 2, one seed, 10 steps."})
     output_dir: str = field(default=str(RESULTS_DIR), metadata={"help": "Where the JSON and PNG go."})
     tag: str = field(
@@ -96,11 +90,9 @@ class SweepArguments:
         if self.quick:
             self.noise_rates, self.thresholds, self.seeds = [0.0, 0.4], [0.97, 2.0], [0]
             self.max_steps = min(self.max_steps, 10)
-        if not 1 <= self.jobs <= MAX_JOBS:
-            raise ValueError(f"--jobs must be 1 or {MAX_JOBS} (the machine has {MAX_JOBS} shared cores), got {self.jobs}.")
+        super().__post_init__()
         if 2.0 not in self.thresholds:
             raise ValueError("--thresholds must include 2 (plain averaging): every comparison is against it.")
-        json.loads(self.model_kwargs)
 
     @property
     def stem(self) -> str:
@@ -114,13 +106,8 @@ def training_argv(config: dict[str, Any], noise_rate: float, threshold: float, s
         "--noise_rate", str(noise_rate), "--noise_seed", str(seed), "--seed", str(seed),
         "--gaf_threshold", str(threshold),
         "--max_steps", str(config["max_steps"]),
-        "--learning_rate", str(config["learning_rate"]),
-        "--optim", "sgd", "--optim_args", f"momentum={config['momentum']}",
-        "--weight_decay", str(config["weight_decay"]),
-        "--lr_scheduler_type", config["lr_scheduler_type"],
-        "--model_name", config["model_name"], "--model_kwargs", config["model_kwargs"],
-        "--image_size", str(config["image_size"]),
-        "--augment", str(config["augment"]), "--crop_padding", str(config["crop_padding"]),
+        *recipe_argv(config),
+        "--image_size", str(config["image_size"]), "--crop_padding", str(config["crop_padding"]),
         "--per_device_eval_batch_size", "512",
         "--use_cpu", "True",
         "--output_dir", output_dir,
