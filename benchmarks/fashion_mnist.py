@@ -701,8 +701,13 @@ def plot_training(runs: list[dict[str, Any]], noise: Noise, path: Path, title: s
             ax.fill_between(xs, low, high, color=color, alpha=0.15)
     ax.set(xlabel="optimizer step", ylabel="accuracy (%)",
            title=f"Accuracy over training, {noise.label} noise (mean ± std over seeds)")
+    _save_traced(fig, ax, path, title)
+
+
+def _save_traced(fig, ax, path: Path, title: str) -> None:
+    """Grid, a legend when anything was traced (an empty plot says nothing was), and the file."""
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # nothing traced at this noise setting: an empty plot says so
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     save_figure(fig, path, title, dpi=110)
 
@@ -716,10 +721,7 @@ def plot_samples(runs: list[dict[str, Any]], noise: Noise, path: Path, title: st
         ax.errorbar([x / 1000 for x in xs], mean, yerr=std, label=LABELS[arm], capsize=2, markersize=3, **_style(arm))
     ax.set(xlabel="training samples processed (thousands)", ylabel="clean test accuracy (%)",
            title=f"Test accuracy vs samples processed, {noise.label} noise (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # nothing traced at this noise setting: an empty plot says so
-        ax.legend(fontsize=7)
-    save_figure(fig, path, title, dpi=110)
+    _save_traced(fig, ax, path, title)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
