@@ -13,6 +13,13 @@ public `Accelerator.sync_gradients` setter. Four things have no public seam, and
   number of accumulation steps;
 * `ddp_timeout` on CPU, which transformers hands to the process group only on accelerators.
 
+Under FSDP2 GAF replaces the gradient reduce-scatter of every `fully_shard` module. torch has
+public setters for that (`FSDPModule.set_custom_reduce_scatter` from torch 2.9,
+`set_all_reduce_hook` from 2.7, `set_gradient_divide_factor` from 2.8), but the interface a
+custom reduce-scatter implements (`ReduceScatter`), the default one it replaces and the list of
+a module's parameters in reduce-scatter order are private: [`check_fsdp2`] checks them once,
+and raises naming torch 2.9 when they are missing.
+
 [`check_trainer`] verifies at construction that each of them behaves as expected on the
 installed versions, and raises naming the supported versions when one does not.
 """
@@ -27,16 +34,28 @@ import torch
 from packaging.version import Version
 
 __all__ = [
+    "FSDP2_MINIMUM_TORCH",
     "MINIMUM_VERSIONS",
+    "all_gather_into_tensor",
     "apply_ddp_timeout",
+    "check_fsdp2",
     "check_trainer",
     "count_items",
+    "fsdp_managed_parameters",
     "loss_is_normalised_by_items",
     "mark_optimizer_step_skipped",
+    "reduce_scatter_interface",
+    "restore_default_reduce_scatter",
 ]
 
 MINIMUM_VERSIONS = {"torch": "2.6", "transformers": "4.56.2", "accelerate": "1.10.1", "huggingface_hub": "0.34.0"}
 """The oldest releases hf-gaf supports (and its CI tests), as declared in pyproject.toml."""
+
+
+FSDP2_MINIMUM_TORCH = "2.9"
+"""The oldest torch whose FSDP2 lets GAF replace the gradient reduce-scatter (`set_custom_reduce_scatter`)."""
+
+_FSDP2_SETTERS = ("set_custom_reduce_scatter", "set_all_reduce_hook", "set_gradient_divide_factor", "set_requires_gradient_sync")
 
 
 class UnsupportedVersionError(RuntimeError):
@@ -141,3 +160,68 @@ def apply_ddp_timeout(args) -> None:
     if not use_cpu or PartialState._shared_state:
         return
     PartialState(cpu=True, backend=getattr(args, "ddp_backend", None) or "gloo", timeout=timedelta(seconds=args.ddp_timeout))
+
+
+def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
+    """`dist.all_gather_single` (torch >= 2.10), or the `all_gather_into_tensor` it renamed: inputs concatenated."""
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    gather(output, input, group=group)
+
+
+def check_fsdp2() -> None:
+    """Raise, naming torch 2.9, unless FSDP2 lets GAF replace its gradient reduce-scatter on the installed torch."""
+    from torch.distributed.fsdp import FSDPModule
+
+    installed = Version(version("torch")).release
+    missing = [name for name in _FSDP2_SETTERS if not hasattr(FSDPModule, name)]
+    if installed < Version(FSDP2_MINIMUM_TORCH).release or missing:
+        raise UnsupportedVersionError(
+            f"GAF under FSDP2 needs torch >= {FSDP2_MINIMUM_TORCH} (FSDPModule.set_custom_reduce_scatter), found torch "
+            f"{version('torch')}. Upgrade torch, or train with data parallelism (DDP) instead of FSDP."
+        )
+    try:
+        reduce_scatter_interface()
+        _default_reduce_scatter()
+    except ImportError as error:
+        _require(False, f"torch.distributed.fsdp has no ReduceScatter interface ({error})")
+
+
+def reduce_scatter_interface() -> type:
+    """FSDP2's `ReduceScatter` interface (private in torch), which a custom reduce-scatter implements."""
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    return ReduceScatter
+
+
+def _default_reduce_scatter() -> type:
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+    return DefaultReduceScatter
+
+
+def restore_default_reduce_scatter(module) -> None:
+    """Give an FSDP2 module back the reduce-scatter it had before a custom one was set, and no divide factor."""
+    module.set_custom_reduce_scatter(_default_reduce_scatter()())
+    group = module._get_fsdp_state()._fsdp_param_group
+    if group is not None:
+        group.gradient_divide_factor = None
+        group._all_reduce_hook = None
+
+
+def fsdp_managed_parameters(module) -> list:
+    """The parameters one FSDP2 module shards, in the order its reduce-scatter lays them out.
+
+    Raises when the module's parameters were split into several groups (a per-parameter mesh),
+    which a custom reduce-scatter cannot serve.
+    """
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None and len(groups) > 1:
+        raise ValueError(
+            f"GAF under FSDP2 needs one parameter group per fully_shard module, but {type(module).__name__} has "
+            f"{len(groups)} (a shard_placement_fn giving parameters different meshes); shard them on one mesh."
+        )
+    group = state._fsdp_param_group
+    params = [] if group is None else [fsdp_param.sharded_param for fsdp_param in group.fsdp_params]
+    _require(all(isinstance(p, torch.nn.Parameter) for p in params), "FSDP2 parameter groups hold no sharded parameters")
+    return params

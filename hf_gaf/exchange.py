@@ -1,4 +1,4 @@
-"""GAF across processes: exchange micro-gradients and filter them by agreement.
+"""GAF across data-parallel processes: exchange micro-gradients and filter them by agreement.
 
 [`gaf_all_reduce`] replaces `dist.all_reduce` in a data-parallel loop. Each of the `N`
 processes holds `K` micro-gradients of `P` elements (a `[K, P]` tensor); together they are the
@@ -16,21 +16,19 @@ over columns. So the default `"sharded"` exchange never gathers the vectors:
    to rank `s`, into a receive buffer kept between calls: rank `s` gets its shard of the other
    ranks' `M - K` micro-gradients, reads its own `K` in place, and computes the Gram matrix of
    these `M` rows (one per unit) bucket by bucket as the buckets arrive, in blocks (own x own,
-   own x received, received x received; float32 products of column chunks, accumulated in
-   float64).
-3. All ranks all-gather these tiny partial matrices, each behind a header with the call's
-   arguments and the sizes of its micro-gradients, and add them in rank order: every rank holds
-   the same bits of `G`, and every rank sees every other rank's arguments.
-4. [`~hf_gaf.rule.decide`] on `G`: identical input, identical decision, no broadcast.
-5. Each rank averages the accepted rows of its block (rejected rows, possibly NaN, are never
+   own x received, received x received).
+3. [`~hf_gaf.collectives.agree`]: one all-gather of these tiny partial matrices, each behind a
+   header with the call's arguments, the sizes of its micro-gradients and the caller's
+   `received` flags; every rank compares the headers, adds the matrices in rank order and runs
+   the rule on identical input: the same decision everywhere, no broadcast.
+4. Each rank averages the accepted rows of its block (rejected rows, possibly NaN, are never
    read) into its slice of the gradient, bucket by bucket, and sends each averaged bucket to
    every other rank as soon as it is ready.
 
-Steps 2 and 5 are an all-to-all and an all-gather written as batches of `isend`/`irecv`
-(`batch_isend_irecv`, which NCCL groups into one launch), receives posted before sends. On gloo
-this is what makes the exchange cheap: in 1-4 MB messages it moves a shard up to twice as fast
-as gloo's `all_to_all_single`, `broadcast` or `all_gather`, which send each tensor as one
-message.
+Steps 2 and 4 are an all-to-all and an all-gather written as batches of `isend`/`irecv`
+(`batch_isend_irecv`, which NCCL groups into one launch), receives posted before sends, so that
+gloo moves them in many medium messages rather than one large one (docs/algorithm.md measures
+the difference).
 
 Cost per rank, in elements (`M = N K`; a ring all-reduce for reference):
 
@@ -41,61 +39,45 @@ Cost per rank, in elements (`M = N K`; a ring all-reduce for reference):
 
 At `K = 1` the sharded exchange moves exactly what a ring all-reduce moves. Its remaining costs
 are the Gram matrix and the mean over `M` rows of a `P/N` block, both memory-bound and computed
-while the bucket is in cache, and one all-gather of `N (U M^2 + K + 8)` float64 values. The
-all-gather exchange is the naive baseline of the published GAF code, kept for comparison and for
-tiny models; it computes the Gram matrix exactly as [`~hf_gaf.rule.filter_microgradients`]
-does. At `N = 2`, `K = 1` it moves no more data than the sharded exchange and synchronises fewer
-times, so for small `P` on a high-latency link it can be the faster.
+while the bucket is in cache, and one all-gather of `N (U M^2 + K + R + 5)` float64 values (`R`
+received flags). The all-gather exchange is the naive baseline of the published GAF code, kept
+for comparison and for tiny models; it computes the Gram matrix exactly as
+[`~hf_gaf.rule.filter_microgradients`] does. At `N = 2`, `K = 1` it moves no more data than the
+sharded exchange and synchronises fewer times, so for small `P` on a high-latency link it can be
+the faster.
 
 State lives in one small object, [`GAFExchange`] (like `PowerSGDState` for DDP comm hooks): the
 process group, the exchange, the bucket size, the column layout, the configuration the ranks
-agreed on, and the buffers reused between calls (a freshly allocated receive buffer costs more in
-page faults than the transfer itself). A training loop keeps one and calls it once per optimizer
-step; [`gaf_all_reduce`] is the functional form, backed by a cached default state per group and
+agreed on, and the buffers reused between calls, so that no receive buffer is allocated (and
+page-faulted) per step. A training loop keeps one and calls it once per optimizer step;
+[`gaf_all_reduce`] is the functional form, backed by a cached default state per group and
 exchange.
 
 Arguments are checked across ranks in two places. What fixes the size of the transfers (`K`,
-`P`, dtype, units, bucket size) is compared with one all-gather when it first appears on a rank
-or changes there, before any large transfer, so that a mistake on one rank never leaves the
-others waiting. What the decision depends on (threshold, rule, scale, sizes) travels in the
-header of step 3 on every call and is compared there, at no extra synchronisation. Either way a
-mismatch raises on every rank. A rank whose transfer configuration changes while the others'
-stays (a bug, or ranks whose data ran out at different steps) waits at the check while they
-start the transfers: both sides then fail after the process group's timeout, with an error that
-says so.
+`P`, dtype, units, bucket size, number of received flags) is compared with one all-gather when
+it first appears on a rank or changes there, before any large transfer, so that a mistake on one
+rank never leaves the others waiting. What the decision depends on (threshold, rule, scale,
+sizes) travels in the header of step 3 on every call and is compared there, at no extra
+synchronisation. Either way a mismatch raises on every rank. A rank whose transfer configuration
+changes while the others' stays (a bug, or ranks whose data ran out at different steps) waits at
+the check while they start the transfers: both sides then fail after the process group's
+timeout, with an error that says so.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .rule import (
-    GRAM_CHUNK,
-    RULES,
-    GAFResult,
-    Units,
-    _as_units,
-    _columns,
-    _decide,
-    _numel,
-    _staging,
-    accepted_mean,
-    as_rows,
-    check_rule,
-    check_scale,
-    check_threshold,
-    filter_microgradients,
-    gram_matrix,
-    inner_products,
-    mean_of_rows,
-)
+from . import compat
+from .collectives import Call, Field, agree, check_configuration, collective_device, is_distributed, peers, post, wait
+from .kernel import GRAM_CHUNK, accepted_mean, as_rows, inner_products, mean_of_rows, row_length, staging_buffer, take_columns
+from .rule import GAFResult, Units, as_units, filter_microgradients, gram_matrix
 
-__all__ = ["DEFAULT_BUCKET_SIZE", "EXCHANGES", "GAFExchange", "gaf_all_reduce"]
+__all__ = ["DEFAULT_BUCKET_SIZE", "EXCHANGES", "GAFExchange", "check_bucket_size", "check_exchange", "gaf_all_reduce"]
 
 EXCHANGES = ("sharded", "all_gather")
 
@@ -106,12 +88,24 @@ DEFAULT_BUCKET_SIZE = 1 << 20
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Message tag of the small all-gathers (configuration records, partial Gram matrices); the sharded
-# exchange's transfers use tags from 0 to twice the number of bucket rounds.
-_SMALL_TAG = 1 << 30
 
-# torch >= 2.10 renamed all_gather_into_tensor; the output is the inputs concatenated along dim 0.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+def check_exchange(exchange: str) -> str:
+    """Return `exchange` or raise if it is not one of `EXCHANGES`."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"Unknown GAF exchange {exchange!r}; choose one of {', '.join(map(repr, EXCHANGES))}.")
+    return exchange
+
+
+def check_bucket_size(bucket_size: int | None) -> int:
+    """Return the bucket size as an int (None: `DEFAULT_BUCKET_SIZE`), or raise if it is not positive."""
+    if bucket_size is None:
+        return DEFAULT_BUCKET_SIZE
+    if int(bucket_size) < 1:
+        raise ValueError(
+            f"The GAF bucket size (gaf_bucket_size) must be a positive number of elements, got {bucket_size!r}; "
+            "leave it unset for the exchange's default."
+        )
+    return int(bucket_size)
 
 
 @dataclass(frozen=True)
@@ -156,6 +150,23 @@ class _Configuration:
     p: int
     dtype: torch.dtype
     units: Units | None
+    flags: int
+
+    def fields(self, exchange: str, bucket_size: int) -> list[Field]:
+        units = self.units
+        return [
+            Field("exchange", EXCHANGES.index(exchange) if exchange in EXCHANGES else -1, "pass the same exchange on every rank", EXCHANGES),
+            Field("micro-gradients per rank K", self.k, "pass the same number of micro-gradients (gradient accumulation steps) on every rank"),
+            Field("elements per micro-gradient P", self.p, "every rank must flatten the same parameters (same model, same requires_grad)"),
+            Field("bucket size", bucket_size, "pass the same bucket_size (gaf_bucket_size) on every rank"),
+            Field("number of units", 0 if units is None else len(units), "build the same units (granularity) on every rank"),
+            Field("units", 0 if units is None else hash((units.sizes, units.averaged)) % (1 << 52), "build the same units (granularity) on every rank"),
+            Field("number of received flags", self.flags, "pass received flags for the same parameters on every rank"),
+            Field("dtype", _DTYPES.index(self.dtype) if self.dtype in _DTYPES else -1, "cast the micro-gradients to one dtype on every rank", _DTYPES),
+        ]  # fmt: skip
+
+
+_NO_CONFIGURATION = _Configuration(0, 0, torch.float32, None, 0)
 
 
 class GAFExchange:
@@ -175,28 +186,27 @@ class GAFExchange:
             or with a single process, the local micro-gradients are filtered alone.
         exchange: `"sharded"` (all-reduce bandwidth, the default) or `"all_gather"` (naive).
         bucket_size: columns per message of the sharded exchange (rounded down to whole Gram
-            chunks of `hf_gaf.rule.GRAM_CHUNK`), the unit of its pipeline; results never
-            depend on it, but every rank must use the same.
+            chunks of `hf_gaf.kernel.GRAM_CHUNK`), the unit of its pipeline; results never
+            depend on it, but every rank must use the same. Default: `DEFAULT_BUCKET_SIZE`.
 
     Unless `out` is passed, `result.gradient` may be a buffer owned by this object, which its
     next call overwrites: copy it (or pass `out`, e.g. the tensor behind `.grad`) to keep it.
     """
 
     def __init__(
-        self,
-        group: dist.ProcessGroup | None = None,
-        exchange: str = "sharded",
-        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        self, group: dist.ProcessGroup | None = None, exchange: str = "sharded", bucket_size: int | None = None
     ) -> None:
-        _check_exchange(exchange)
-        if int(bucket_size) < 1:
-            raise ValueError(f"bucket_size must be a positive number of elements, got {bucket_size!r}.")
         self.group = group
-        self.exchange = exchange
-        self.bucket_size = int(bucket_size)
+        self.exchange = check_exchange(exchange)
+        self.bucket_size = check_bucket_size(bucket_size)
         self._buffers: dict[str, torch.Tensor] = {}
         self._layouts: dict[tuple, _Layout] = {}
         self._agreed: _Configuration | None = None
+
+    @property
+    def world_size(self) -> int:
+        """Processes whose micro-gradients each call filters (1 without a process group)."""
+        return dist.get_world_size(self.group) if is_distributed(self.group) else 1
 
     @property
     def buffer_bytes(self) -> int:
@@ -205,7 +215,7 @@ class GAFExchange:
 
     def receive_buffer_bytes(self, k: int, p: int, element_size: int) -> int:
         """Bytes this exchange will keep for `K` micro-gradients of `P` elements (for memory planning)."""
-        n = dist.get_world_size(self.group) if _is_distributed(self.group) else 1
+        n = self.world_size
         if n == 1:
             return 0
         if self.exchange == "all_gather":
@@ -226,33 +236,44 @@ class GAFExchange:
         scale: float = 1.0,
         sizes: torch.Tensor | Sequence[float] | None = None,
         units: Units | Sequence[int] | None = None,
+        received: torch.Tensor | Sequence[bool] | None = None,
     ) -> GAFResult:
         """Filter the micro-gradients of all ranks; see [`gaf_all_reduce`] for the contract."""
-        if not _is_distributed(self.group):
-            return _filter_locally(local_grads, threshold, rule, out, scale, sizes, units)
-        rows, configuration = self._agree(local_grads, units)
-        call = _Call.check(threshold, rule, scale, sizes, out, configuration)
+        if not is_distributed(self.group):
+            rows = _local_rows(local_grads)
+            if out is not None:
+                _check_out(out, row_length(rows), rows[0].dtype, rows[0].device)
+            result = filter_microgradients(rows, threshold, rule=rule, out=out, scale=scale, sizes=sizes, units=units)
+            result.received = None if received is None else torch.as_tensor(received, dtype=torch.bool).cpu()
+            return result
+        rows, configuration = self._agree(local_grads, units, received)
+
+        def check_out() -> None:
+            if out is not None:
+                _check_out(out, configuration.p, configuration.dtype, out.device)
+
+        call = Call.check(threshold, rule, scale, sizes, configuration.k, check_out)
+        # A bad `out` still takes part in the exchange, with a buffer of this object's, so that every rank raises.
+        gradient = out if out is not None and not call.out_invalid else self._buffer("gradient", (configuration.p,), rows[0])
+        received = None if received is None else torch.as_tensor(received, dtype=torch.bool).cpu()
         if self.exchange == "all_gather":
-            return self._all_gather(rows, configuration, call)
-        return self._sharded(rows, configuration, call)
+            return self._all_gather(rows, configuration, call, gradient, received)
+        return self._sharded(rows, configuration, call, gradient, received)
 
     # -- exchanges ------------------------------------------------------------------------------
 
-    def _all_gather(self, rows, configuration: _Configuration, call: _Call) -> GAFResult:
+    def _all_gather(self, rows, configuration: _Configuration, call: Call, gradient: torch.Tensor, received) -> GAFResult:
         n = dist.get_world_size(self.group)
         k, p, units = configuration.k, configuration.p, configuration.units
         gathered = self._buffer("gathered", (n * k, p), rows[0])
-        _all_gather_single(gathered, _block(rows), group=self.group)
-        gram = gram_matrix(gathered, units)
-        sizes = call.compare(_all_gather_small(call.header(), self.group))
-        decision = _decide(gram, call.threshold, call.rule, sizes, _averaged(units))
-        gradient = None
+        compat.all_gather_into_tensor(gathered, _block(rows), group=self.group)
+        agreement = agree(call, gram_matrix(gathered, units), self.group, averaged=_averaged(units), received=received, partial=False)
+        decision = agreement.decision
         if not decision.skipped:
-            gradient = call.destination(self, p, rows[0])
-            accepted_mean(gathered, decision, gradient, scale=call.scale, sizes=sizes, units=units)
-        return decision.result(gradient, per_unit=units is not None)
+            accepted_mean(gathered, decision.chosen, gradient, scale=call.scale, sizes=decision.sizes, segments=None if units is None else units.segments())
+        return decision.result(gradient, per_unit=units is not None, received=agreement.received)
 
-    def _sharded(self, rows, configuration: _Configuration, call: _Call) -> GAFResult:
+    def _sharded(self, rows, configuration: _Configuration, call: Call, gradient: torch.Tensor, received) -> GAFResult:
         group = self.group
         n, rank = dist.get_world_size(group), dist.get_rank(group)
         k, p, units = configuration.k, configuration.p, configuration.units
@@ -274,14 +295,13 @@ class GAFExchange:
         # its rows are in cache, the mean of all of them: the update whenever every micro-gradient
         # is accepted with the same size (always, for M = 2 without sizes, unless skipped).
         rounds = [self._scatter_round(rows, recv, layout, j) for j in range(layout.rounds)]
-        gradient = call.destination(self, p, rows[0])
         blocks = torch.zeros((u, m, m), dtype=torch.float64, device=rows[0].device)  # own rows first
-        staging = _staging(rows, max((c.stop - c.start for c in own_buckets), default=1))
+        staging = staging_buffer(rows, max((c.stop - c.start for c in own_buckets), default=1))
         for j, posted in enumerate(rounds):
-            _wait(posted, "its shard of the micro-gradients")
+            wait(posted, "its shard of the micro-gradients")
             if j < len(own_buckets):
                 columns, segments = own_buckets[j], own_segments[j]
-                ours = _columns(rows, columns.start, columns.stop, staging)
+                ours = take_columns(rows, columns.start, columns.stop, staging)
                 theirs = recv[:, _shift(columns, own.start)]
                 inner_products(ours, ours, blocks[:, :k, :k], segments=segments)
                 inner_products(ours, theirs, blocks[:, :k, k:], segments=segments)
@@ -290,81 +310,73 @@ class GAFExchange:
                     mean_of_rows(bucket_rows(columns), gradient[columns], scale=call.scale)
         blocks[:, k:, :k] = blocks[:, :k, k:].transpose(1, 2)
         canonical = torch.cat([torch.arange(k, k + mine.start), torch.arange(k), torch.arange(mine.start + k, m)])
-        gram = blocks[:, canonical][:, :, canonical]
 
         # Step 3: every rank's header and partial Gram matrices; summed in rank order, identically.
-        header = call.header()
-        messages = _all_gather_small(torch.cat([header, gram.reshape(-1)]), group)
-        sizes = call.compare(messages[:, : header.numel()])
-        parts = messages[:, header.numel() :].reshape(n, u, m, m)
-        gram = parts[0].clone()
-        for part in parts[1:]:
-            gram += part
-        decision = _decide(gram, call.threshold, call.rule, sizes, _averaged(units))
+        agreement = agree(call, blocks[:, canonical][:, :, canonical], group, averaged=_averaged(units), received=received)
+        decision = agreement.decision
         if decision.skipped:
-            return decision.result(None, per_unit=units is not None)
+            return decision.result(None, per_unit=units is not None, received=agreement.received)
 
-        # Step 5: unless every row was accepted with equal sizes, average the accepted rows of each
+        # Step 4: unless every row was accepted with equal sizes, average the accepted rows of each
         # bucket (rejected ones, possibly NaN, are not read); send each bucket on while the next
         # one is averaged.
-        everything = bool(decision.accepted.all()) and sizes is None
+        everything = bool(decision.accepted.all()) and agreement.sizes is None
+        whole = units or Units.whole(p)
         posted = []
         for j in range(layout.rounds):
             if j < len(own_buckets) and not everything:
                 columns = own_buckets[j]
                 accepted_mean(
-                    bucket_rows(columns), decision, gradient[columns], scale=call.scale, sizes=sizes, units=units,
-                    start=columns.start,
+                    bucket_rows(columns), decision.chosen, gradient[columns], scale=call.scale, sizes=decision.sizes,
+                    segments=whole.segments(columns.start, columns.stop),
                 )  # fmt: skip
             posted += self._gather_round(gradient, layout, j)
-        _wait(posted, "its share of the filtered gradient")
-        return decision.result(gradient, per_unit=units is not None)
+        wait(posted, "its share of the filtered gradient")
+        return decision.result(gradient, per_unit=units is not None, received=agreement.received)
 
     def _scatter_round(self, rows, recv: torch.Tensor, layout: _Layout, j: int) -> list:
         """Post round `j` of step 2: bucket `j` of shard `s` of every micro-gradient, to rank `s`."""
         rank, k = dist.get_rank(self.group), len(rows)
         own = layout.shards[rank]
         receives, sends = [], []
-        for peer in _peers(len(layout.shards), rank):
+        for peer in peers(len(layout.shards), rank):
             if j < len(layout.buckets[rank]):
                 columns = _shift(layout.buckets[rank][j], own.start)
                 first = (peer if peer < rank else peer - 1) * k  # recv skips this rank's own rows
                 receives += [(recv[first + i, columns], peer) for i in range(k)]
             if j < len(layout.buckets[peer]):
                 sends += [(rows[i][layout.buckets[peer][j]], peer) for i in range(k)]
-        return _post(receives, sends, self.group, tag=j)
+        return post(receives, sends, self.group, tag=j)
 
     def _gather_round(self, gradient: torch.Tensor, layout: _Layout, j: int) -> list:
-        """Post round `j` of step 5: this rank's averaged bucket `j` to every rank, theirs to it."""
+        """Post round `j` of step 4: this rank's averaged bucket `j` to every rank, theirs to it."""
         rank = dist.get_rank(self.group)
         receives, sends = [], []
-        for peer in _peers(len(layout.shards), rank):
+        for peer in peers(len(layout.shards), rank):
             if j < len(layout.buckets[peer]):
                 receives.append((gradient[layout.buckets[peer][j]], peer))
             if j < len(layout.buckets[rank]):
                 sends.append((gradient[layout.buckets[rank][j]], peer))
-        return _post(receives, sends, self.group, tag=layout.rounds + j)  # tags distinct from step 2's
+        return post(receives, sends, self.group, tag=layout.rounds + j)  # tags distinct from step 2's
 
     # -- agreement on the configuration -----------------------------------------------------------
 
-    def _agree(self, local_grads, units) -> tuple[torch.Tensor | list[torch.Tensor], _Configuration]:
+    def _agree(self, local_grads, units, received) -> tuple[torch.Tensor | list[torch.Tensor], _Configuration]:
         """This rank's rows and the transfer configuration, compared across ranks when it is new here."""
         error: Exception | None = None
-        rows, configuration = None, None
+        rows, configuration = None, _NO_CONFIGURATION
         try:
             rows = _local_rows(local_grads)
-            p = _numel(rows)
-            configuration = _Configuration(len(rows), p, rows[0].dtype, _as_units(units, p))
+            p = row_length(rows)
+            flags = 0 if received is None else int(torch.as_tensor(received).numel())
+            configuration = _Configuration(len(rows), p, rows[0].dtype, as_units(units, p), flags)
         except (TypeError, ValueError) as caught:
             error = caught
         if error is None and configuration == self._agreed:
             return rows, configuration
         self._agreed = None
-        record = _configuration_record(configuration, self.exchange, self.bucket_size, error)
-        records = _all_gather_small(record.to(_collective_device(rows, self.group)), self.group).cpu()
-        if error is not None:
-            raise error
-        _check_configurations(records)
+        device = rows[0].device if rows is not None else collective_device(self.group)
+        check_configuration(configuration.fields(self.exchange, self.bucket_size), self.group, device, error)
         self._agreed = configuration
         return rows, configuration
 
@@ -397,6 +409,7 @@ def gaf_all_reduce(
     scale: float = 1.0,
     sizes: torch.Tensor | Sequence[float] | None = None,
     units: Units | Sequence[int] | None = None,
+    received: torch.Tensor | Sequence[bool] | None = None,
 ) -> GAFResult:
     """Gradient Agreement Filtering of the micro-gradients of all ranks: GAF's `all_reduce`.
 
@@ -422,6 +435,10 @@ def gaf_all_reduce(
             [`~hf_gaf.filter_microgradients`]); 0 marks a micro-gradient that is absent this
             step (a shorter last step), which is neither compared nor averaged.
         units: [`~hf_gaf.Units`] filtered each on its own (default: the whole micro-gradient).
+        received: optional bool flags of this rank, the same number on every rank (e.g.
+            [`~hf_gaf.GradientBuffer.received`], which parameters got a gradient): the result's
+            `received` is their OR over every rank, carried in the step's header at no extra
+            synchronisation.
 
     Returns:
         The [`~hf_gaf.rule.GAFResult`] of `filter_microgradients(all M micro-gradients, ...)`,
@@ -443,24 +460,24 @@ def gaf_all_reduce(
     """
     try:
         state = _default_state(group, exchange)
-    except ValueError:
-        if _is_distributed(group):  # the other ranks are waiting at the configuration check
-            record = _configuration_record(None, exchange, DEFAULT_BUCKET_SIZE, ValueError())
-            _all_gather_small(record.to(_collective_device(None, group)), group)
+    except ValueError as error:
+        if is_distributed(group):  # the other ranks are waiting at the configuration check
+            fields = _NO_CONFIGURATION.fields(exchange, DEFAULT_BUCKET_SIZE)
+            check_configuration(fields, group, collective_device(group), error)
         raise
-    if out is None and _is_distributed(group):
-        result = state(local_grads, threshold, rule, scale=scale, sizes=sizes, units=units)
+    if out is None and is_distributed(group):
+        result = state(local_grads, threshold, rule, scale=scale, sizes=sizes, units=units, received=received)
         if result.gradient is not None:
             result.gradient = result.gradient.clone()
         return result
-    return state(local_grads, threshold, rule, out=out, scale=scale, sizes=sizes, units=units)
+    return state(local_grads, threshold, rule, out=out, scale=scale, sizes=sizes, units=units, received=received)
 
 
 _DEFAULT_STATES: dict[tuple[object, str], GAFExchange] = {}
 
 
 def _default_state(group: dist.ProcessGroup | None, exchange: str) -> GAFExchange:
-    _check_exchange(exchange)
+    check_exchange(exchange)
     key = (group, exchange)
     if key not in _DEFAULT_STATES:
         _DEFAULT_STATES[key] = GAFExchange(group=group, exchange=exchange)
@@ -468,16 +485,6 @@ def _default_state(group: dist.ProcessGroup | None, exchange: str) -> GAFExchang
 
 
 # -- arguments ------------------------------------------------------------------------------------
-
-
-def _check_exchange(exchange: str) -> str:
-    if exchange not in EXCHANGES:
-        raise ValueError(f"Unknown GAF exchange {exchange!r}; choose one of {', '.join(map(repr, EXCHANGES))}.")
-    return exchange
-
-
-def _is_distributed(group: dist.ProcessGroup | None) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def _local_rows(local_grads: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
@@ -498,13 +505,6 @@ def _block(rows: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     return rows.contiguous() if isinstance(rows, torch.Tensor) else torch.stack(rows)
 
 
-def _filter_locally(local_grads, threshold, rule, out, scale, sizes, units) -> GAFResult:
-    rows = _local_rows(local_grads)
-    if out is not None:
-        _check_out(out, _numel(rows), rows[0].dtype, rows[0].device)
-    return filter_microgradients(rows, threshold, rule=rule, out=out, scale=scale, sizes=sizes, units=units)
-
-
 def _check_out(out: torch.Tensor, p: int, dtype: torch.dtype, device: torch.device) -> None:
     if out.shape != (p,) or out.dtype != dtype or out.device != device:
         raise ValueError(
@@ -519,205 +519,7 @@ def _averaged(units: Units | None) -> tuple[bool, ...] | None:
     return None if units is None else units.averaged
 
 
-# The per-rank record of the configuration check: an error code, then what sizes the transfers.
-_C_ERROR, _C_K, _C_P, _C_DTYPE, _C_EXCHANGE, _C_BUCKET, _C_UNITS, _C_UNITS_HASH = range(8)
-
-
-def _configuration_record(
-    configuration: _Configuration | None, exchange: str, bucket_size: int, error: Exception | None
-) -> torch.Tensor:
-    record = torch.zeros(8, dtype=torch.float64)
-    record[_C_ERROR] = float(error is not None)
-    record[_C_EXCHANGE] = EXCHANGES.index(exchange) if exchange in EXCHANGES else -1
-    record[_C_BUCKET] = bucket_size
-    if configuration is not None:
-        record[_C_K], record[_C_P] = configuration.k, configuration.p
-        record[_C_DTYPE] = _DTYPES.index(configuration.dtype)
-        units = configuration.units
-        record[_C_UNITS] = 0 if units is None else len(units)
-        record[_C_UNITS_HASH] = 0 if units is None else hash((units.sizes, units.averaged)) % (1 << 52)
-    return record
-
-
-def _check_configurations(records: torch.Tensor) -> None:
-    failed = torch.nonzero(records[:, _C_ERROR]).flatten().tolist()
-    if failed:
-        raise ValueError(
-            f"GAF exchange aborted because of invalid arguments on rank(s) {failed}; see that rank's error for the fix."
-        )
-    _require_same(records, _C_EXCHANGE, "exchange", "pass the same exchange on every rank", EXCHANGES)
-    same = (
-        (_C_K, "micro-gradients per rank K", "pass the same number of micro-gradients (gradient accumulation steps) on every rank"),
-        (_C_P, "elements per micro-gradient P", "every rank must flatten the same parameters (same model, same requires_grad)"),
-        (_C_BUCKET, "bucket size", "pass the same bucket_size (gaf_bucket_size) on every rank"),
-        (_C_UNITS, "number of units", "build the same units (granularity) on every rank"),
-        (_C_UNITS_HASH, "units", "build the same units (granularity) on every rank"),
-    )
-    for field, what, fix in same:
-        _require_same(records, field, what, fix, counts=True)
-    _require_same(records, _C_DTYPE, "dtype", "cast the micro-gradients to one dtype on every rank", _DTYPES)
-
-
-@dataclass(frozen=True)
-class _Call:
-    """The arguments of one call that the decision depends on, checked here and across ranks.
-
-    A local error is not raised at once: the call still takes part in the exchange (with a
-    buffer of its own instead of a bad `out`), so that every rank raises together once the
-    headers have been compared.
-    """
-
-    threshold: float
-    rule: str
-    scale: float
-    sizes: torch.Tensor | None
-    out: torch.Tensor | None
-    k: int
-    error: Exception | None
-    code: int
-
-    _REASONS = ("threshold outside [0, 2]", "unknown rule", "scale not a finite number", "invalid sizes", "invalid out")
-
-    @classmethod
-    def check(cls, threshold, rule, scale, sizes, out, configuration: _Configuration) -> _Call:
-        values: list = [math.nan, rule, math.nan, None]
-        error, code = None, 0
-        checks = (
-            lambda: check_threshold(threshold),
-            lambda: check_rule(rule),
-            lambda: check_scale(scale),
-            lambda: _check_local_sizes(sizes, configuration.k),
-            lambda: out is None or _check_out(out, configuration.p, configuration.dtype, out.device),
-        )
-        for index, check in enumerate(checks):
-            try:
-                value = check()
-            except (TypeError, ValueError) as caught:
-                if error is None:
-                    error, code = caught, index + 1
-                if index == 4:
-                    out = None
-                continue
-            if index < 4:
-                values[index] = value
-        return cls(values[0], values[1], values[2], values[3], out, configuration.k, error, code)
-
-    def header(self) -> torch.Tensor:
-        """Error code, threshold, rule, scale, whether sizes were given, then the `K` sizes: float64."""
-        rule = RULES.index(self.rule) if self.rule in RULES else -1
-        given = self.sizes is not None
-        head = torch.tensor([self.code, self.threshold, rule, self.scale, given], dtype=torch.float64)
-        return torch.cat([head, self.sizes if given else torch.ones(self.k, dtype=torch.float64)])
-
-    def compare(self, headers: torch.Tensor) -> torch.Tensor | None:
-        """Raise on every rank if any rank's call was invalid or differs; return the `[M]` sizes (None if none given)."""
-        headers = headers.cpu()
-        if self.error is not None:
-            raise self.error
-        codes = headers[:, 0]
-        failed = torch.nonzero(codes).flatten().tolist()
-        if failed:
-            what = "; ".join(f"rank {r}: {self._REASONS[int(codes[r]) - 1]}" for r in failed)
-            raise ValueError(f"GAF exchange aborted because of bad arguments on another rank ({what}); see that rank's error.")
-        _require_same(headers, 1, "threshold", "pass the same threshold on every rank")
-        _require_same(headers, 2, "rule", "pass the same rule on every rank", RULES)
-        _require_same(headers, 3, "scale", "pass the same scale on every rank")
-        if not bool(headers[:, 4].any()):
-            return None
-        return headers[:, 5:].reshape(-1)
-
-    def destination(self, exchange: GAFExchange, p: int, like: torch.Tensor) -> torch.Tensor:
-        return self.out if self.out is not None else exchange._buffer("gradient", (p,), like)
-
-
-def _check_local_sizes(sizes, k: int) -> torch.Tensor | None:
-    if sizes is None:
-        return None
-    sizes = torch.as_tensor(sizes, dtype=torch.float64).reshape(-1).cpu()
-    if sizes.numel() != k or not bool(torch.isfinite(sizes).all()) or bool((sizes < 0).any()):
-        raise ValueError(f"sizes must hold one finite number >= 0 per local micro-gradient ({k}), got {sizes.tolist()}.")
-    return sizes
-
-
-def _require_same(
-    records: torch.Tensor, field: int, what: str, fix: str, names: Sequence | None = None, *, counts: bool = False
-) -> None:
-    """Raise if `records[:, field]` differs across ranks; values show as `names`, as ints for `counts`, else floats."""
-    values = records[:, field]
-    if bool((values != values[0]).any()):
-        shown = [str(names[int(v)]) if names else int(v) if counts else v for v in values.tolist()]
-        raise ValueError(f"GAF micro-gradients disagree across ranks: {what} is {shown} by rank; {fix}.")
-
-
-def _collective_device(rows, group: dist.ProcessGroup | None) -> torch.device:
-    if rows is not None:
-        return rows[0].device
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-# -- transfers ------------------------------------------------------------------------------------
-
-
 def _shift(columns: slice, offset: int) -> slice:
     return slice(columns.start - offset, columns.stop - offset)
 
 
-def _peers(n: int, rank: int) -> list[int]:
-    return [peer for peer in range(n) if peer != rank]
-
-
-def _post(receives: list, sends: list, group: dist.ProcessGroup | None, tag: int) -> list[tuple[dist.Work, int]]:
-    """Start one batch of transfers, receives first, so gloo has each buffer ready when its data arrives.
-
-    Returns every transfer's work with the group rank of its peer.
-    """
-    ops = [dist.P2POp(dist.irecv, t, _global_rank(group, peer), group, tag) for t, peer in receives]
-    ops += [dist.P2POp(dist.isend, t, _global_rank(group, peer), group, tag) for t, peer in sends]
-    works = dist.batch_isend_irecv(ops) if ops else []
-    peers = [peer for _, peer in receives] + [peer for _, peer in sends]
-    if len(works) != len(peers):  # NCCL coalesces a batch into one work
-        return [(work, -1) for work in works]
-    return list(zip(works, peers))
-
-
-def _wait(posted: Sequence[tuple[dist.Work, int]], what: str) -> None:
-    for work, peer in posted:
-        try:
-            work.wait()
-        except RuntimeError as error:
-            who = f"rank {peer}" if peer >= 0 else "another rank"
-            raise RuntimeError(
-                f"GAF exchange: {who} did not exchange {what} within the process group's timeout ({error}). "
-                "A rank may have hung or died, or the ranks disagree on the micro-gradients (K, P) because their "
-                "data ran out at different steps. The timeout is ddp_timeout (TrainingArguments)."
-            ) from error
-
-
-def _all_gather_small(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Every rank's `tensor` (a few numbers), stacked in rank order: `[N, *tensor.shape]`.
-
-    gloo's all-gather passes the pieces around a ring, `N - 1` message latencies; from 3 ranks
-    on, one round of point-to-point messages between every pair arrives sooner. With 2 ranks
-    the ring is one exchange too, and gloo's all-gather is the faster; other backends use theirs.
-    """
-    n, rank = dist.get_world_size(group), dist.get_rank(group)
-    gathered = tensor.new_empty((n, *tensor.shape))
-    try:
-        if n == 2 or dist.get_backend(group) != "gloo":
-            _all_gather_single(gathered.view(-1), tensor.reshape(-1), group=group)
-            return gathered
-    except RuntimeError as error:
-        raise RuntimeError(
-            f"GAF exchange: the other ranks did not answer within the process group's timeout ({error}). A rank may "
-            "have hung or died. The timeout is ddp_timeout (TrainingArguments)."
-        ) from error
-    gathered[rank] = tensor
-    peers = _peers(n, rank)
-    _wait(_post([(gathered[peer], peer) for peer in peers], [(tensor, peer) for peer in peers], group, _SMALL_TAG), "its header")
-    return gathered
-
-
-def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)

@@ -17,34 +17,35 @@ groups of them) that are filtered each on its own: one Gram matrix per unit, all
 over disjoint columns of the same products, and one decision per unit. A unit can also be
 *averaged*: it takes the mean of every finite micro-gradient, whatever their agreement.
 
-This module is pure math: no `torch.distributed`. The exchange strategies build on it.
+This module is pure math: no `torch.distributed`. Its arithmetic (inner products, means) is
+`hf_gaf.kernel`'s; the exchanges across processes build on both.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .kernel import GRAM_CHUNK, accepted_mean, as_rows, inner_products, mean_of_rows, row_length, staging_buffer, take_columns
 
 __all__ = [
     "RULES",
     "Decision",
     "GAFResult",
     "Units",
-    "accepted_mean",
+    "as_units",
+    "check_microgradients",
     "check_rule",
     "check_scale",
+    "check_sizes",
     "check_threshold",
     "decide",
     "filter_microgradients",
     "gram_matrix",
-    "inner_products",
-    "mean_of_rows",
-    "as_rows",
 ]
 
 RULES = ("sequential", "best_start")
@@ -52,16 +53,6 @@ RULES = ("sequential", "best_start")
 # Slack on the threshold test, so that rounding in the Gram matrix cannot make a micro-gradient
 # disagree with an identical one at tau = 0 (or an antiparallel one at tau = 2).
 AGREEMENT_TOLERANCE = 1e-6
-
-# Columns per chunk of the float32 Gram products, accumulated in float64: bounds the float32
-# rounding independently of P (cosines within 2e-7 of exact for float32 input, 3e-6 for
-# bfloat16, from 1K to 11M columns).
-GRAM_CHUNK = 1 << 14
-
-# Elements of the block per batched product: bounds the float32 copy of half-precision input. An
-# accelerator takes far larger products at once, and would otherwise wait on kernel launches.
-_GRAM_SPAN_CPU = 1 << 22
-_GRAM_SPAN_ACCELERATOR = 1 << 26
 
 # Elements of the block whose Gram matrix and mean are taken in one go, while it is in cache.
 _FUSED_SPAN = 1 << 21
@@ -100,6 +91,27 @@ def check_rule(rule: str) -> str:
     return rule
 
 
+def check_sizes(sizes: torch.Tensor | Sequence[float] | None, count: int, what: str = "micro-gradient") -> torch.Tensor | None:
+    """Return `sizes` as a float64 CPU tensor of `count` finite numbers >= 0 (items per `what`), or raise."""
+    if sizes is None:
+        return None
+    sizes = torch.as_tensor(sizes, dtype=torch.float64).reshape(-1).cpu()
+    if sizes.numel() != count or not bool(torch.isfinite(sizes).all()) or bool((sizes < 0).any()):
+        raise ValueError(f"sizes must hold one finite number >= 0 of items per {what} ({count}), got {sizes.tolist()}.")
+    return sizes
+
+
+def check_microgradients(world_size: int, accumulation_steps: int) -> None:
+    """Raise unless a step has at least two micro-gradients (`world_size x accumulation_steps >= 2`) to compare."""
+    if world_size * accumulation_steps < 2:
+        raise ValueError(
+            f"GAF needs at least two micro-gradients per optimizer step, but world_size x "
+            f"gradient_accumulation_steps = {world_size} x {accumulation_steps} = {world_size * accumulation_steps}: "
+            "every step would be skipped. Set gradient_accumulation_steps >= 2 (e.g. --gradient_accumulation_steps 2), "
+            "or launch more processes (accelerate launch / torchrun --nproc_per_node 2)."
+        )
+
+
 @dataclass(frozen=True)
 class Units:
     """Consecutive column ranges of a flat micro-gradient, each filtered on its own.
@@ -133,6 +145,10 @@ class Units:
     def whole(cls, p: int) -> Units:
         """One filtered unit of `p` columns: the paper's whole-model rule."""
         return cls((p,))
+
+    def plain(self) -> Units:
+        """The same column ranges, every one averaged: what these units give with filtering switched off."""
+        return Units(self.sizes, (True,) * len(self.sizes))
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -182,6 +198,8 @@ class GAFResult:
             `[U]` tensor with units.
         threshold: the threshold the rule ran with.
         sizes: float64 `[M]`, the sizes the weights come from (`None`: all 1).
+        received: bool, the exchange's `received` flags (e.g. which parameters got a gradient)
+            OR-ed over every rank; `None` when none were passed.
     """
 
     gradient: torch.Tensor | None
@@ -195,6 +213,7 @@ class GAFResult:
     start: int | torch.Tensor
     threshold: float
     sizes: torch.Tensor | None = None
+    received: torch.Tensor | None = None
 
     @property
     def num_accepted(self) -> int:
@@ -212,64 +231,6 @@ class GAFResult:
         return int(excluded.sum())
 
 
-def as_rows(grads: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    """Validate `M` micro-gradients and return them as rows, without copying them.
-
-    An `[M, P]` tensor is returned as it is; a sequence of `M` equally sized tensors (any shape)
-    becomes a list of flat views. The Gram matrix reads a list in spans of columns, copying one
-    span of every row at a time, so a list costs no `[M, P]` allocation; one `[M, P]` block (see
-    [`~hf_gaf.GradientBuffer`]) costs no copy at all.
-    """
-    if isinstance(grads, torch.Tensor):
-        if grads.dim() != 2:
-            raise ValueError(f"Expected micro-gradients as an [M, P] tensor, got shape {tuple(grads.shape)}.")
-        rows = grads if grads.stride(-1) == 1 else grads.contiguous()
-        first = rows
-    else:
-        rows = [g.reshape(-1) for g in grads]
-        if not rows:
-            raise ValueError("Expected at least one micro-gradient, got none.")
-        sizes = {row.numel() for row in rows}
-        if len(sizes) != 1:
-            raise ValueError(f"All micro-gradients must have the same number of elements, got sizes {sorted(sizes)}.")
-        if len({(row.dtype, row.device) for row in rows}) != 1:
-            raise ValueError("All micro-gradients must have the same dtype and device.")
-        rows = [row if row.is_contiguous() else row.contiguous() for row in rows]
-        first = rows[0]
-    if len(rows) == 0:
-        raise ValueError("Expected at least one micro-gradient, got none.")
-    if not first.is_floating_point():
-        raise TypeError(f"Micro-gradients must be floating point, got {first.dtype}.")
-    return rows
-
-
-def _columns(
-    rows: torch.Tensor | list[torch.Tensor], start: int, stop: int, staging: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Columns `[start, stop)` of the rows as one `[M, n]` tensor: a view of a block, a copy of a list's spans.
-
-    A list's spans are copied into `staging` (flat, at least `M n` elements) when given: a loop
-    over spans then reuses one buffer instead of allocating, and page-faulting, one per span.
-    """
-    if isinstance(rows, torch.Tensor):
-        return rows[:, start:stop]
-    pieces = [row[start:stop] for row in rows]
-    if staging is None:
-        return torch.stack(pieces)
-    return torch.stack(pieces, out=staging[: len(pieces) * (stop - start)].view(len(pieces), stop - start))
-
-
-def _staging(rows: torch.Tensor | list[torch.Tensor], width: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """The reusable buffer `_columns` copies spans of up to `width` columns of a list into (None for a block)."""
-    if isinstance(rows, torch.Tensor):
-        return None
-    return torch.empty(len(rows) * min(width, _numel(rows)), dtype=dtype or rows[0].dtype, device=rows[0].device)
-
-
-def _numel(rows: torch.Tensor | list[torch.Tensor]) -> int:
-    return rows.shape[1] if isinstance(rows, torch.Tensor) else rows[0].numel()
-
-
 def gram_matrix(block: torch.Tensor | list[torch.Tensor], units: Units | None = None) -> torch.Tensor:
     """The Gram matrix `block @ block.T` of `M` rows (see `as_rows`): float64 `[M, M]`, or `[U, M, M]` per unit.
 
@@ -285,123 +246,7 @@ def gram_matrix(block: torch.Tensor | list[torch.Tensor], units: Units | None = 
     if units is None:
         return inner_products(block, block)
     out = torch.zeros(len(units), m, m, dtype=torch.float64, device=device)
-    return inner_products(block, block, out, segments=units.segments(0, _numel(block)))
-
-
-def inner_products(
-    x: torch.Tensor | list[torch.Tensor],
-    y: torch.Tensor | list[torch.Tensor],
-    out: torch.Tensor | None = None,
-    *,
-    segments: Sequence[tuple[int, int, int]] | None = None,
-) -> torch.Tensor:
-    """Add `x @ y.T` of `[A, n]` and `[B, n]` blocks into a float64 `[A, B]`, as `gram_matrix` computes it.
-
-    The blocks of a Gram matrix whose rows live in different tensors (a process's own
-    micro-gradients and those it received) are computed without copying them into one. With
-    `segments`, pieces `(lo, hi, unit)` of the columns, the products of each piece are added
-    into `out[unit]` (an `[U, A, B]` tensor). Either block may also be a list of flat rows
-    (see `as_rows`). Rows may be strided; columns must be contiguous.
-    """
-    n = _numel(x)
-    if _numel(y) != n:
-        raise ValueError(f"inner_products needs rows of equal length, got {n} and {_numel(y)} columns.")
-    if segments is None:
-        if out is None:
-            out = torch.zeros(len(x), len(y), dtype=torch.float64, device=x[0].device)
-        out += _products(x, y, ((0, n, 0),), 1)[0]
-        return out
-    if out is None:
-        raise ValueError("inner_products with segments needs out, an [U, A, B] float64 tensor.")
-    out += _products(x, y, segments, out.shape[0])
-    return out
-
-
-def _products(x, y, segments, units: int) -> torch.Tensor:
-    """`[U, A, B]` float64: each segment's columns of `x @ y.T`, from float32 products (float64 if float32 overflowed)."""
-    wide = torch.float64 if x[0].dtype == torch.float64 else torch.float32
-    products = _segment_products(x, y, segments, units, wide)
-    if wide != torch.float64 and not bool(torch.isfinite(products).all()):
-        products = _segment_products(x, y, segments, units, torch.float64)
-    return products
-
-
-def _segment_products(x, y, segments, units: int, dtype: torch.dtype) -> torch.Tensor:
-    """Segments of a Gram chunk or more go through batched chunk products; the short ones are summed at once.
-
-    Parameter tensors are short as often as long (biases, norms): one product per short segment
-    would cost more in calls than in arithmetic, so their columns are gathered into one block,
-    multiplied elementwise and summed per unit.
-    """
-    out = torch.zeros(units, len(x), len(y), dtype=torch.float64, device=x[0].device)
-    short = [(lo, hi, unit) for lo, hi, unit in segments if hi - lo < GRAM_CHUNK]
-    for lo, hi, unit in segments:
-        if hi - lo >= GRAM_CHUNK:
-            out[unit] += _chunked_products(x, y, lo, hi, dtype)
-    if short:
-        out += _short_segment_products(x, y, short, units, dtype)
-    return out
-
-
-def _short_segment_products(x, y, short, units: int, dtype: torch.dtype) -> torch.Tensor:
-    a, b = len(x), len(y)
-    device = x[0].device
-    columns = torch.cat([torch.arange(lo, hi, device=device) for lo, hi, _ in short])
-    owner = torch.cat([torch.full((hi - lo,), unit, device=device) for lo, hi, unit in short])
-    left = _gather_columns(x, columns).to(dtype)
-    right = left if y is x else _gather_columns(y, columns).to(dtype)
-    sums = torch.zeros(a * b, units, dtype=dtype, device=device)
-    span = max(1, _span(device) // (a * b))
-    for start in range(0, columns.numel(), span):
-        piece = slice(start, start + span)
-        products = (left[:, None, piece] * right[None, :, piece]).reshape(a * b, -1)
-        sums.index_add_(1, owner[piece], products)
-    return sums.T.reshape(units, a, b).to(torch.float64)
-
-
-def _gather_columns(rows, columns: torch.Tensor) -> torch.Tensor:
-    if isinstance(rows, torch.Tensor):
-        return rows.index_select(1, columns)
-    return torch.stack([row.index_select(0, columns) for row in rows])
-
-
-def _span(device: torch.device) -> int:
-    return _GRAM_SPAN_CPU if device.type == "cpu" else _GRAM_SPAN_ACCELERATOR
-
-
-@contextlib.contextmanager
-def _ieee_float32(device: torch.device) -> Iterator[None]:
-    """float32 products in IEEE float32 on CUDA even when TF32 is allowed (TF32 errs by 1e-3 in cosines)."""
-    if device.type != "cuda":
-        yield
-        return
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
-
-
-def _chunked_products(x, y, first: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-    a, b = len(x), len(y)
-    device = x[0].device
-    out = torch.zeros(a, b, dtype=torch.float64, device=device)
-    span = max(1, _span(device) // (max(a, b) * GRAM_CHUNK)) * GRAM_CHUNK
-    x_staging = _staging(x, min(span, stop - first))
-    y_staging = None if y is x else _staging(y, min(span, stop - first))
-    with _ieee_float32(device):
-        for start in range(first, stop, span):
-            end = min(start + span, stop)
-            left = _columns(x, start, end, x_staging).to(dtype)
-            right = left if y is x else _columns(y, start, end, y_staging).to(dtype)
-            whole = left.shape[1] - left.shape[1] % GRAM_CHUNK
-            if whole:
-                lc, rc = (t[:, :whole].unflatten(1, (-1, GRAM_CHUNK)).transpose(0, 1) for t in (left, right))
-                out += torch.bmm(lc, rc.transpose(1, 2)).to(torch.float64).sum(0)  # [chunks, A, B] summed
-            if whole < left.shape[1]:
-                out += (left[:, whole:] @ right[:, whole:].T).to(torch.float64)
-    return out
+    return inner_products(block, block, out, segments=units.segments(0, row_length(block)))
 
 
 @dataclass
@@ -422,7 +267,17 @@ class Decision:
     def skipped(self) -> bool:
         return not bool(self.updated.any())
 
-    def result(self, gradient: torch.Tensor | None, per_unit: bool) -> GAFResult:
+    @property
+    def chosen(self) -> list[list[int]]:
+        """Per unit, the rows its update averages: the accepted ones of an updated unit, none of a skipped one."""
+        return [np.flatnonzero(self.accepted[u]).tolist() if self.updated[u] else [] for u in range(len(self.updated))]
+
+    @property
+    def everything_accepted(self) -> bool:
+        """Every unit updated with every micro-gradient: the update is the mean of all rows."""
+        return bool(self.accepted.all() and self.updated.all())
+
+    def result(self, gradient: torch.Tensor | None, per_unit: bool, received: torch.Tensor | None = None) -> GAFResult:
         """The `GAFResult` of this decision; without `per_unit` the unit dimension is dropped."""
 
         def view(array: np.ndarray) -> torch.Tensor:
@@ -440,6 +295,7 @@ class Decision:
             start=torch.from_numpy(self.start) if per_unit else int(self.start[0]),
             threshold=self.threshold,
             sizes=None if self.sizes is None else torch.from_numpy(self.sizes),
+            received=received,
         )
 
 
@@ -462,16 +318,16 @@ def decide(
     counted as excluded). The answer is a deterministic function of its inputs, so identical
     Gram matrices give identical decisions on every process.
     """
-    return _decide(gram, check_threshold(threshold), check_rule(rule), sizes, averaged)
+    return _decide(gram, check_threshold(threshold), check_rule(rule), check_sizes(sizes, gram.shape[-1]), averaged)
 
 
-def _decide(gram: torch.Tensor, tau: float, rule: str, sizes, averaged) -> Decision:
-    """`decide` on arguments already checked."""
+def _decide(gram: torch.Tensor, tau: float, rule: str, sizes: torch.Tensor | None, averaged) -> Decision:
+    """`decide` on arguments already checked: what the exchanges call, having checked them once."""
     grams = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
     if grams.ndim == 2:
         grams = grams[None]
     u, m = grams.shape[0], grams.shape[-1]
-    given = None if sizes is None else np.asarray(torch.as_tensor(sizes, dtype=torch.float64))
+    given = None if sizes is None else sizes.numpy()
     sizes = np.ones(m) if given is None else given
     averaged = np.zeros(u, dtype=bool) if averaged is None else np.asarray(averaged, dtype=bool)
     present = sizes > 0  # size 0: absent this step
@@ -558,86 +414,6 @@ def _run_rule(
     return accepted.reshape(u, r, m), distances.reshape(u, r, m)
 
 
-def mean_of_rows(
-    rows: Sequence[torch.Tensor],
-    out: torch.Tensor | None = None,
-    *,
-    scale: float = 1.0,
-    denominator: float | None = None,
-) -> torch.Tensor:
-    """Return `scale * sum(rows) / denominator` (default `len(rows)`), reading only `rows`; into `out` if given.
-
-    The first row is copied and the others added in order, in float32 at least, then divided by
-    the denominator (`scale == 1`), left alone (`scale == denominator`: the sum that gradient
-    accumulation would hold, at no extra pass) or multiplied by `scale / denominator`: one fixed
-    arithmetic, so every caller (single process or any exchange) gets the same bits. Writes
-    straight into `out` (one pass per row) when no wider accumulator is needed.
-    """
-    if not rows:
-        raise ValueError("mean_of_rows needs at least one row.")
-    denominator = float(len(rows)) if denominator is None else float(denominator)
-    if out is None:
-        out = torch.empty_like(rows[0])
-    acc_dtype = torch.promote_types(out.dtype, torch.float32)
-    if acc_dtype == out.dtype and len(rows) > 1:
-        acc, rest = torch.add(rows[0], rows[1], out=out), rows[2:]
-    else:
-        acc = out if acc_dtype == out.dtype else torch.empty_like(out, dtype=acc_dtype)
-        acc, rest = acc.copy_(rows[0]), rows[1:]
-    for row in rest:
-        acc.add_(row)
-    if scale == 1.0:
-        acc.div_(denominator)
-    elif scale != denominator:
-        acc.mul_(scale / denominator)
-    if acc is not out:
-        out.copy_(acc)
-    return out
-
-
-def accepted_mean(
-    rows: torch.Tensor | list[torch.Tensor],
-    decision: Decision,
-    out: torch.Tensor | None = None,
-    *,
-    scale: float = 1.0,
-    sizes: torch.Tensor | Sequence[float] | None = None,
-    units: Units | None = None,
-    start: int = 0,
-) -> torch.Tensor:
-    """Write `scale * sum_{i accepted} g_i / sum_{i accepted} sizes[i]` of every updated unit into `out`.
-
-    `rows` are the `M` micro-gradients (an `[M, n]` tensor or a list of flat rows, see
-    `as_rows`): the columns `[start, start + n)` of the whole micro-gradients, for `units`
-    that span several shards. Rejected rows are never read, so an excluded NaN micro-gradient
-    cannot leak into the result; the columns of skipped units are left as they are.
-    Consecutive units with the same accepted rows are averaged in one pass.
-    """
-    n = _numel(rows)
-    if out is None:
-        out = torch.empty(n, dtype=rows[0].dtype, device=rows[0].device)
-    sizes = np.ones(len(rows)) if sizes is None else np.asarray(torch.as_tensor(sizes, dtype=torch.float64))
-    pieces = [(0, n, 0)] if units is None else units.segments(start, start + n)
-    run: tuple[int, int, tuple[int, ...]] | None = None
-    for lo, hi, unit in pieces:
-        chosen = tuple(np.flatnonzero(decision.accepted[unit]).tolist()) if decision.updated[unit] else ()
-        if run is not None and run[2] == chosen and run[1] == lo:
-            run = (run[0], hi, chosen)
-            continue
-        _write_mean(rows, run, out, scale, sizes)
-        run = (lo, hi, chosen)
-    _write_mean(rows, run, out, scale, sizes)
-    return out
-
-
-def _write_mean(rows, run, out: torch.Tensor, scale: float, sizes: np.ndarray) -> None:
-    if run is None or not run[2]:
-        return
-    lo, hi, chosen = run
-    denominator = float(sizes[list(chosen)].sum())
-    mean_of_rows([rows[i][lo:hi] for i in chosen], out[lo:hi], scale=scale, denominator=denominator)
-
-
 def filter_microgradients(
     grads: torch.Tensor | Sequence[torch.Tensor],
     threshold: float,
@@ -672,46 +448,38 @@ def filter_microgradients(
     """
     tau, rule, scale = check_threshold(threshold), check_rule(rule), check_scale(scale)
     rows = as_rows(grads)
-    units = _as_units(units, _numel(rows))
-    sizes = _check_sizes(sizes, len(rows))
+    units = as_units(units, row_length(rows))
+    sizes = check_sizes(sizes, len(rows))
     averaged = None if units is None else units.averaged
+    segments = None if units is None else units.segments()
     if out is None or sizes is not None:
         decision = _decide(gram_matrix(rows, units), tau, rule, sizes, averaged)
         if decision.skipped:
             return decision.result(None, per_unit=units is not None)
-        return decision.result(accepted_mean(rows, decision, out, scale=scale, units=units, sizes=sizes), units is not None)
+        gradient = accepted_mean(rows, decision.chosen, out, scale=scale, sizes=decision.sizes, segments=segments)
+        return decision.result(gradient, per_unit=units is not None)
     # With an `out` to write into, the mean of every row is taken while each span of columns is in cache for
     # the Gram matrix: it is the update whenever everything is accepted, and costs no pass over memory.
     gram = torch.zeros(len(units) if units else 1, len(rows), len(rows), dtype=torch.float64, device=rows[0].device)
-    n, step = _numel(rows), _FUSED_SPAN // len(rows) // GRAM_CHUNK * GRAM_CHUNK or GRAM_CHUNK
-    staging = _staging(rows, step)
+    n, step = row_length(rows), _FUSED_SPAN // len(rows) // GRAM_CHUNK * GRAM_CHUNK or GRAM_CHUNK
+    staging = staging_buffer(rows, step)
     for start in range(0, n, step):
         stop = min(start + step, n)
-        span = _columns(rows, start, stop, staging)
+        span = take_columns(rows, start, stop, staging)
         pieces = ((0, stop - start, 0),) if units is None else units.segments(start, stop)
         inner_products(span, span, gram, segments=pieces)
         mean_of_rows(list(span), out[start:stop], scale=scale)
     decision = _decide(gram, tau, rule, None, averaged)
-    if not decision.skipped and not (decision.accepted.all() and decision.updated.all()):
-        accepted_mean(rows, decision, out, scale=scale, units=units)
+    if not decision.skipped and not decision.everything_accepted:
+        accepted_mean(rows, decision.chosen, out, scale=scale, segments=segments)
     return decision.result(out, per_unit=units is not None)
 
 
-def _as_units(units: Units | Sequence[int] | None, p: int) -> Units | None:
+def as_units(units: Units | Sequence[int] | None, p: int) -> Units | None:
+    """`units` as [`Units`] covering `p` columns (None stays None), or raise naming the mismatch."""
     if units is None:
         return None
     units = units if isinstance(units, Units) else Units(tuple(units))
     if units.numel != p:
         raise ValueError(f"The units cover {units.numel} columns but the micro-gradients have P = {p}; their sizes must add up to P.")
     return units
-
-
-def _check_sizes(sizes: torch.Tensor | Sequence[float] | None, m: int) -> torch.Tensor | None:
-    if sizes is None:
-        return None
-    sizes = torch.as_tensor(sizes, dtype=torch.float64).reshape(-1).cpu()
-    if sizes.numel() != m or not bool(torch.isfinite(sizes).all()) or bool((sizes < 0).any()):
-        raise ValueError(
-            f"sizes must hold one finite number >= 0 of items per micro-gradient ({m}), got {sizes.tolist()}."
-        )
-    return sizes

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from hf_gaf import GAFExchange, filter_microgradients, gaf_all_reduce
 from hf_gaf.exchange import _Layout
-from hf_gaf.rule import GRAM_CHUNK
+from hf_gaf.kernel import GRAM_CHUNK
 
 from .distributed.exchange_worker import CASE_NAMES, ERROR_CASES
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_gaf.rule import GRAM_CHUNK, Units, decide, filter_microgradients, gram_matrix, inner_products
+from hf_gaf.kernel import GRAM_CHUNK, inner_products
+from hf_gaf.rule import Units, decide, filter_microgradients, gram_matrix
 
 MARGIN = 1e-5  # random cases closer than this to the threshold are ambiguous under rounding
 

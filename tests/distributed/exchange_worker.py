@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from hf_gaf.exchange import GAFExchange, _Layout, gaf_all_reduce
-from hf_gaf.rule import GRAM_CHUNK, Units, filter_microgradients
+from hf_gaf.kernel import GRAM_CHUNK
+from hf_gaf.rule import Units, filter_microgradients
 
 
 @dataclass(frozen=True)
