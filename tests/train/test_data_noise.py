@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from hf_gaf.train.data import FASHION_MNIST_CONFUSIONS, add_class_dependent_label_noise, add_symmetric_label_noise
+from hf_gaf.train.data import (
+    FASHION_MNIST_CONFUSIONS,
+    add_class_dependent_label_noise,
+    add_label_noise,
+    add_symmetric_label_noise,
+)
 from hf_gaf.train.data.columns import column_as_numpy
 
 NUM_CLASSES = 7
@@ -231,3 +236,50 @@ def test_fashion_mnist_class_dependent_noise_on_the_real_training_split(shared_d
     shirt, tshirt = train.features["label"].str2int("Shirt"), train.features["label"].str2int("T - shirt / top")
     assert set(noisy_label[flipped & (label == shirt)]) == {tshirt}
     assert 0.37 < flipped[label == shirt].mean() < 0.43  # 6,000 shirts, 40% +- 5 standard deviations
+
+
+# -- one entry point for every split of a noise process -------------------------------------------
+
+
+def test_add_label_noise_is_the_function_of_its_kind(clean):
+    symmetric = add_label_noise(clean, 0.4, noise_type="symmetric", seed=5)
+    dependent = add_label_noise(clean, 0.4, noise_type="class_dependent", seed=5, confusions=PARTIAL_CONFUSIONS)
+
+    assert symmetric["noisy_label"] == add_symmetric_label_noise(clean, 0.4, seed=5)["noisy_label"]
+    expected = add_class_dependent_label_noise(clean, 0.4, seed=5, confusions=PARTIAL_CONFUSIONS)
+    assert dependent["noisy_label"] == expected["noisy_label"]
+    assert dependent["label_flipped"] == expected["label_flipped"]
+
+
+def test_add_label_noise_passes_the_column_names(clean):
+    noisy = add_label_noise(clean, 0.2, noise_type="symmetric", seed=0, noisy_column="val_label", flipped_column="bad")
+
+    assert {"val_label", "bad"} <= set(noisy.column_names) and "noisy_label" not in noisy.column_names
+
+
+def test_add_label_noise_refuses_an_unknown_kind_and_a_missing_confusion_map(clean):
+    with pytest.raises(ValueError, match=r"noise_type must be one of \('symmetric', 'class_dependent'\), got 'human'"):
+        add_label_noise(clean, 0.2, noise_type="human", seed=0)
+    with pytest.raises(ValueError, match="needs the confusion map.*FASHION_MNIST_CONFUSIONS"):
+        add_label_noise(clean, 0.2, noise_type="class_dependent", seed=0)
+
+
+@pytest.mark.parametrize("noise_type", ["symmetric", "class_dependent"])
+def test_held_out_validation_rows_get_the_training_noise_process(shared_data, noise_type):
+    import datasets
+
+    train = datasets.load_dataset(str(shared_data / "fashion_mnist"), split="train")
+    training, validation = train.select(range(2000)), train.select(range(len(train) - 1000, len(train)))
+    kwargs = dict(noise_type=noise_type, confusions=FASHION_MNIST_CONFUSIONS)
+
+    noisy_train = add_label_noise(training, 0.4, seed=0, **kwargs)
+    noisy_validation = add_label_noise(validation, 0.4, seed=1000, **kwargs)
+
+    for split, size in ((noisy_train, 2000), (noisy_validation, 1000)):
+        label, noisy_label, flipped = (column_as_numpy(split, c) for c in ("label", "noisy_label", "label_flipped"))
+        assert flipped.sum() == round(0.4 * size)
+        assert np.all(noisy_label[flipped] != label[flipped]) and np.all(noisy_label[~flipped] == label[~flipped])
+        if noise_type == "class_dependent":
+            names = split.features["label"].names
+            partner = [names.index(FASHION_MNIST_CONFUSIONS[name]) for name in names]
+            np.testing.assert_array_equal(noisy_label[flipped], np.asarray(partner)[label[flipped]])

@@ -11,8 +11,10 @@ from .hub import HubUnreachableError, hub_errors_explained, resolve_hub_file
 from .noise import (
     FASHION_MNIST_CONFUSIONS,
     FLIPPED_COLUMN,
+    NOISE_TYPES,
     NOISY_LABEL_COLUMN,
     add_class_dependent_label_noise,
+    add_label_noise,
     add_symmetric_label_noise,
 )
 from .numpy_checkpoint import UntrustedPickleError, load_numpy_checkpoint
@@ -31,12 +33,14 @@ __all__ = [
     "CIFAR100_STD",
     "FASHION_MNIST_CONFUSIONS",
     "FLIPPED_COLUMN",
+    "NOISE_TYPES",
     "NOISY_LABEL_COLUMN",
     "ClassBalancedSampler",
     "HubUnreachableError",
     "ImageClassificationTransform",
     "UntrustedPickleError",
     "add_class_dependent_label_noise",
+    "add_label_noise",
     "add_symmetric_label_noise",
     "attach_noisy_labels",
     "channel_mean_std",

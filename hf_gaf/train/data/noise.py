@@ -15,6 +15,11 @@ flipped label goes:
   map names for it (e.g. Shirt to T-shirt/top), as human annotators err. Every wrong label of a
   class then points the same way, a harder case for a filter that looks for agreement: two
   micro-batches with the same kind of mistake can agree with each other.
+
+[`add_label_noise`] names the kind by a string, so that every split which must share one noise
+process (the training split, and a validation split held out of the training images whose
+labels are as noisy as the training labels, which is the validation data users have) is
+corrupted by the same call.
 """
 
 from __future__ import annotations
@@ -147,6 +152,48 @@ def add_class_dependent_label_noise(
     noisy = clean.copy()
     noisy[flipped_rows] = target[clean[flipped_rows]]
     return _with_noise_columns(dataset, feature, noisy, flipped_rows, noisy_column, flipped_column)
+
+
+NOISE_TYPES = ("symmetric", "class_dependent")
+"""The kinds of synthetic label noise, as [`add_label_noise`] names them."""
+
+
+def add_label_noise(
+    dataset: Dataset,
+    rate: float,
+    *,
+    noise_type: str,
+    seed: int,
+    confusions: Mapping[int | str, int | str] | None = None,
+    label_column: str = "label",
+    noisy_column: str = NOISY_LABEL_COLUMN,
+    flipped_column: str = FLIPPED_COLUMN,
+) -> Dataset:
+    """Return `dataset` with label noise of the kind `noise_type` names, and a record of the flips.
+
+    `"symmetric"` is [`add_symmetric_label_noise`], `"class_dependent"` is
+    [`add_class_dependent_label_noise`] with `confusions`; the contract (exactly `round(rate * n)`
+    rows flipped, the columns, the dependence on `seed` alone) is theirs. Use it for every split that
+    must share the training split's noise process, e.g. the validation rows held out of the training
+    images: same `noise_type`, `rate` and `confusions`, a `seed` of the split's own (the same seed on
+    splits of equal size would flip the same row positions).
+
+    Raises:
+        ValueError: `noise_type` is not one of [`NOISE_TYPES`]; `confusions` is missing for
+            class-dependent noise (e.g. pass [`FASHION_MNIST_CONFUSIONS`]); or what the function of
+            that kind raises.
+    """
+    columns = dict(label_column=label_column, noisy_column=noisy_column, flipped_column=flipped_column)
+    if noise_type == "symmetric":
+        return add_symmetric_label_noise(dataset, rate, seed=seed, **columns)
+    if noise_type == "class_dependent":
+        if confusions is None:
+            raise ValueError(
+                "Class-dependent noise needs the confusion map, {class: class it is mistaken for}: pass confusions=..., "
+                "e.g. hf_gaf.train.data.FASHION_MNIST_CONFUSIONS for Fashion-MNIST."
+            )
+        return add_class_dependent_label_noise(dataset, rate, seed=seed, confusions=confusions, **columns)
+    raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}.")
 
 
 def _check_noise_arguments(
