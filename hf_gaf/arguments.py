@@ -11,15 +11,15 @@ and JSON), `accelerate launch`, and saving with the other arguments (`training_a
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from . import compat
-from .exchange import EXCHANGES
-from .gradients import GRANULARITIES
+from .exchange import EXCHANGES, check_bucket_size, check_exchange
+from .gradients import GRANULARITIES, check_granularity
 from .rule import RULES, check_rule, check_threshold
+from .state import GAFState
 
 __all__ = ["GAF_DESCRIPTION", "GAFArguments", "GAFTrainingArguments"]
 
@@ -146,7 +146,8 @@ def check_gaf_arguments(args) -> None:
     """Validate (and normalise) the `gaf_*` options on `args`; raise naming the fix when one is missing or wrong.
 
     Accepts any object with the fields of [`GAFArguments`]; Trainers call it on `self.args`
-    once, at construction.
+    once, at construction. Each option is checked by the module that owns it: the rule's, the
+    exchange's, the units' and the run state's validators.
     """
     missing = [name for name in GAF_FIELDS if not hasattr(args, name)]
     if missing:
@@ -157,34 +158,7 @@ def check_gaf_arguments(args) -> None:
         )
     args.gaf_threshold = check_threshold(args.gaf_threshold)
     check_rule(args.gaf_rule)
-    if args.gaf_exchange not in EXCHANGES:
-        raise ValueError(f"Unknown gaf_exchange {args.gaf_exchange!r}; choose one of {', '.join(map(repr, EXCHANGES))}.")
-    if args.gaf_bucket_size is not None and args.gaf_bucket_size < 1:
-        raise ValueError(
-            f"gaf_bucket_size must be a positive number of elements, got {args.gaf_bucket_size}; leave it unset for "
-            "the exchange's default."
-        )
-    if args.gaf_granularity not in GRANULARITIES:
-        raise ValueError(
-            f"Unknown gaf_granularity {args.gaf_granularity!r}; choose one of {', '.join(map(repr, GRANULARITIES))}."
-        )
-    if (args.gaf_granularity == "group") != (args.gaf_group_by is not None):
-        raise ValueError(
-            "gaf_granularity='group' needs gaf_group_by, a regular expression naming each parameter's group "
-            "(e.g. --gaf_group_by 'model\\.layers\\.\\d+'), and gaf_group_by needs gaf_granularity='group'."
-        )
-    if isinstance(args.gaf_averaged_parameters, str):
-        args.gaf_averaged_parameters = [args.gaf_averaged_parameters]
-    for pattern in ([args.gaf_group_by] if args.gaf_group_by else []) + list(args.gaf_averaged_parameters):
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"GAF parameter pattern {pattern!r} is not a regular expression: {error}.") from None
-    if args.gaf_adaptive_window < 0:
-        raise ValueError(f"gaf_adaptive_window must be >= 0 (0 turns the adaptive threshold off), got {args.gaf_adaptive_window}.")
-    if not args.gaf_adaptive_std >= 0:
-        raise ValueError(f"gaf_adaptive_std must be a number >= 0, got {args.gaf_adaptive_std}.")
-    if args.gaf_max_consecutive_skipped_steps is not None and args.gaf_max_consecutive_skipped_steps < 1:
-        raise ValueError(
-            f"gaf_max_consecutive_skipped_steps must be >= 1, or None to never stop, got {args.gaf_max_consecutive_skipped_steps}."
-        )
+    check_exchange(args.gaf_exchange)
+    check_bucket_size(args.gaf_bucket_size)
+    args.gaf_averaged_parameters = check_granularity(args.gaf_granularity, args.gaf_group_by, args.gaf_averaged_parameters)
+    GAFState.check_options(args.gaf_adaptive_window, args.gaf_adaptive_std, args.gaf_max_consecutive_skipped_steps)

@@ -17,13 +17,14 @@ import re
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from .rule import Units
+from .rule import GAFResult, Units
 
-__all__ = ["GRANULARITIES", "GradientBuffer", "available_memory", "parameter_units"]
+__all__ = ["GRANULARITIES", "GradientBuffer", "ParameterUnits", "available_memory", "check_granularity", "parameter_units"]
 
 GRANULARITIES = ("model", "tensor", "group")
 
@@ -210,14 +211,91 @@ def _buffer_dtype(params: Sequence[torch.nn.Parameter]) -> torch.dtype:
     return dtype
 
 
+def check_granularity(granularity: str, group_by: str | None = None, averaged: Sequence[str] = ()) -> list[str]:
+    """Check the options that make units; return the averaged patterns as a list (a single string becomes one).
+
+    Raises naming the fix for an unknown granularity, a `group_by` without `"group"` (or the
+    reverse), or a pattern that is not a regular expression.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"Unknown GAF granularity {granularity!r}; choose one of {', '.join(map(repr, GRANULARITIES))}.")
+    if (granularity == "group") != (group_by is not None):
+        raise ValueError(
+            "gaf_granularity='group' needs gaf_group_by, a regular expression naming each parameter's group "
+            "(e.g. --gaf_group_by 'model\\.layers\\.\\d+'), and gaf_group_by needs gaf_granularity='group'."
+        )
+    averaged = [averaged] if isinstance(averaged, str) else list(averaged)
+    for pattern in ([group_by] if group_by else []) + averaged:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"GAF parameter pattern {pattern!r} is not a regular expression: {error}.") from None
+    return averaged
+
+
+@dataclass(frozen=True)
+class ParameterUnits:
+    """A model's trainable parameters, ordered unit by unit, and the unit each belongs to.
+
+    Built by [`parameter_units`]; every process builds the same from the same model. The order
+    makes every unit one range of columns of a [`GradientBuffer`] built in it ([`units`]); an
+    exchange that lays the parameters out its own way (FSDP2) maps them through `unit_of`.
+
+    Attributes:
+        parameters: the trainable parameters, unit by unit.
+        names: their names.
+        unit_of: each parameter's unit.
+        averaged: per unit, whether it is averaged plainly instead of filtered.
+        whole_model: one filtered unit and nothing averaged: the paper's rule, without units.
+    """
+
+    parameters: tuple[torch.nn.Parameter, ...]
+    names: tuple[str, ...]
+    unit_of: tuple[int, ...]
+    averaged: tuple[bool, ...]
+
+    @property
+    def whole_model(self) -> bool:
+        return self.averaged == (False,)
+
+    def __len__(self) -> int:
+        """Number of units."""
+        return len(self.averaged)
+
+    def units(self, sizes: Sequence[int] | None = None) -> Units | None:
+        """The [`~hf_gaf.Units`] of the parameters laid out in this order, parameter `i` taking `sizes[i]` columns.
+
+        `sizes` defaults to each parameter's `numel` (a [`GradientBuffer`]). None for the
+        whole-model rule, which needs no units.
+        """
+        if self.whole_model:
+            return None
+        return Units(self._unit_sizes(sizes), self.averaged)
+
+    def plain(self, sizes: Sequence[int] | None = None) -> Units:
+        """The same units all averaged: what a step computes with filtering switched off."""
+        return Units(self._unit_sizes(sizes), (True,) * len(self))
+
+    def updated(self, result: GAFResult) -> torch.Tensor:
+        """Per parameter, whether its unit was updated in `result`."""
+        return result.updated[torch.tensor(self.unit_of)] if len(self) > 1 else result.updated[[0] * len(self.parameters)]
+
+    def _unit_sizes(self, sizes: Sequence[int] | None) -> tuple[int, ...]:
+        sizes = [p.numel() for p in self.parameters] if sizes is None else list(sizes)
+        totals = [0] * len(self)
+        for unit, size in zip(self.unit_of, sizes):
+            totals[unit] += int(size)
+        return tuple(totals)
+
+
 def parameter_units(
-    named_parameters: Sequence[tuple[str, torch.nn.Parameter]],
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
     granularity: str = "model",
     *,
     group_by: str | None = None,
     averaged: Sequence[str] = (),
-) -> tuple[list[torch.nn.Parameter], Units | None]:
-    """Order trainable parameters into [`~hf_gaf.Units`] of a granularity; returns the order and the units.
+) -> ParameterUnits:
+    """Order trainable parameters into units of a granularity.
 
     Args:
         named_parameters: `model.named_parameters()`; frozen parameters are left out.
@@ -230,23 +308,18 @@ def parameter_units(
         averaged: regular expressions (`re.search`); matching parameters are averaged plainly,
             as data parallelism would, in one unit of their own instead of filtered.
 
-    The parameters are ordered unit by unit (in the order units first appear), so that each unit
-    is one range of columns of a [`GradientBuffer`] built in that order. Returns units `None`
-    for the whole-model rule without averaged parameters.
+    The parameters are ordered unit by unit, in the order units first appear, the averaged ones
+    last; see [`ParameterUnits`].
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"Unknown GAF granularity {granularity!r}; choose one of {', '.join(map(repr, GRANULARITIES))}.")
-    if (granularity == "group") != (group_by is not None):
-        raise ValueError("gaf_granularity 'group' needs gaf_group_by (a regular expression), and only it takes one.")
+    plain = [re.compile(p) for p in check_granularity(granularity, group_by, averaged)]
     pattern = re.compile(group_by) if group_by is not None else None
-    plain = [re.compile(p) for p in averaged]
-    keys: dict[object, list[torch.nn.Parameter]] = {}
-    averaged_params: list[torch.nn.Parameter] = []
+    keys: dict[object, list[tuple[str, torch.nn.Parameter]]] = {}
+    averaged_params: list[tuple[str, torch.nn.Parameter]] = []
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
         if any(p.search(name) for p in plain):
-            averaged_params.append(param)
+            averaged_params.append((name, param))
             continue
         if granularity == "model":
             key: object = ""
@@ -255,19 +328,18 @@ def parameter_units(
         else:
             match = pattern.match(name)
             key = match.group(0) if match else None
-        keys.setdefault(key, []).append(param)
-    groups = list(keys.values())
-    order = [p for group in groups for p in group] + averaged_params
-    if not order:
+        keys.setdefault(key, []).append((name, param))
+    groups = list(keys.values()) + ([averaged_params] if averaged_params else [])
+    if not groups:
         raise ValueError("The model has no trainable parameters: there is nothing to train.")
-    if granularity == "model" and not averaged_params:
-        return order, None
-    sizes = [sum(p.numel() for p in group) for group in groups]
-    flags = [False] * len(groups)
-    if averaged_params:
-        sizes.append(sum(p.numel() for p in averaged_params))
-        flags.append(True)
-    return order, Units(tuple(sizes), tuple(flags))
+    flags = (False,) * len(keys) + ((True,) if averaged_params else ())
+    order = [(name, param, unit) for unit, group in enumerate(groups) for name, param in group]
+    return ParameterUnits(
+        parameters=tuple(param for _, param, _ in order),
+        names=tuple(name for name, _, _ in order),
+        unit_of=tuple(unit for _, _, unit in order),
+        averaged=flags,
+    )
 
 
 def available_memory(device: torch.device) -> int | None:

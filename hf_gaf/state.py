@@ -76,6 +76,7 @@ class GAFState(TrainerCallback, ExportableState):
     """
 
     def __init__(self, adaptive_window: int = 0, adaptive_std: float = 1.0, max_consecutive_skipped: int | None = None):
+        self.check_options(adaptive_window, adaptive_std, max_consecutive_skipped)
         self.adaptive_window = int(adaptive_window)
         self.adaptive_std = float(adaptive_std)
         self.max_consecutive_skipped = max_consecutive_skipped
@@ -90,6 +91,18 @@ class GAFState(TrainerCallback, ExportableState):
         self.total_microgradients = 0
         self.total_accepted = 0
         self.consecutive_skipped = 0
+
+    @staticmethod
+    def check_options(adaptive_window: int, adaptive_std: float, max_consecutive_skipped: int | None) -> None:
+        """Raise naming the fix unless the options are a window >= 0, a number of deviations >= 0, a limit >= 1 or None."""
+        if adaptive_window < 0:
+            raise ValueError(f"gaf_adaptive_window must be >= 0 (0 turns the adaptive threshold off), got {adaptive_window}.")
+        if not adaptive_std >= 0:
+            raise ValueError(f"gaf_adaptive_std must be a number >= 0, got {adaptive_std}.")
+        if max_consecutive_skipped is not None and max_consecutive_skipped < 1:
+            raise ValueError(
+                f"gaf_max_consecutive_skipped_steps must be >= 1, or None to never stop, got {max_consecutive_skipped}."
+            )
 
     # -- the decision's inputs ----------------------------------------------------------------
 

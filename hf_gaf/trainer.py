@@ -3,14 +3,16 @@
 `class MyGAFTrainer(GAFMixin, MyTrainer)` keeps everything `MyTrainer` does (its loss, logging,
 callbacks, data) and changes what happens to gradients, through public seams of the Trainer:
 
-* `training_step` runs each forward/backward pass (the subclass's own) with DDP's gradient
-  all-reduce disabled and moves each parameter's gradient into one row of a `[K, P]` buffer as
-  the backward pass produces it: one micro-gradient per pass.
+* `training_step` runs each forward/backward pass (the subclass's own) as one micro-gradient:
+  under data parallelism with DDP's gradient all-reduce disabled, each parameter's gradient
+  moved into one row of a `[K, P]` buffer as the backward pass produces it
+  ([`~hf_gaf.GradientBuffer`]); under FSDP2 with every pass's reduce-scatter replaced by GAF's
+  exchange of unreduced shards ([`~hf_gaf.FSDPExchange`]).
 * At the last pass of an optimizer step (`accelerator.sync_gradients`), the micro-gradients of
-  every process go through one `GAFExchange` call (the GAF all-reduce), and `.grad` becomes the
-  filtered gradient, at the scale of the plain Trainer's accumulated gradient. Parameters that
-  got no gradient in any pass on any process keep `.grad = None`. The Trainer then clips and
-  steps as usual.
+  every process are filtered in one exchange, and `.grad` becomes the filtered gradient (under
+  FSDP2, each rank's sharded gradient), at the scale of the plain Trainer's accumulated gradient.
+  Parameters that got no gradient in any pass on any process keep `.grad = None`. The Trainer
+  then clips and steps as usual.
 * When nothing is updated the step is skipped: a callback around the optimizer step turns it
   into a no-op (no parameter, optimizer-state or grad-scaler update) that the Trainer recognises
   as skipped, so the LR scheduler stays put; `global_step` still advances.
@@ -21,6 +23,9 @@ What this needs beyond public API is in `hf_gaf.compat`, checked at construction
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,18 +37,21 @@ from transformers.utils import logging
 
 from . import compat
 from .arguments import GAFTrainingArguments, check_gaf_arguments
-from .exchange import DEFAULT_BUCKET_SIZE, GAFExchange
-from .gradients import GradientBuffer, available_memory, parameter_units
-from .rule import GAFResult, Units
+from .exchange import GAFExchange
+from .gradients import GradientBuffer, ParameterUnits, available_memory, parameter_units
+from .rule import GAFResult, Units, check_microgradients
 from .state import GAFState
 
 __all__ = ["GAFMixin", "GAFTrainer"]
 
 logger = logging.get_logger(__name__)
 
+_SUPPORTED = (
+    "Supported: a single process, data parallelism (DDP) launched with `accelerate launch` or `torchrun`, and FSDP2 "
+    "(`--fsdp full_shard --fsdp_config '{\"fsdp_version\": 2}'`, or `fsdp_version: 2` in the accelerate config)."
+)
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed",
-    DistributedType.FSDP: "FSDP",
     DistributedType.MEGATRON_LM: "Megatron-LM",
     DistributedType.XLA: "XLA/TPU",
 }
@@ -61,11 +69,11 @@ class GAFMixin:
     The options come from `self.args`, which must carry the fields of [`GAFArguments`]
     ([`GAFTrainingArguments`], or `@dataclass class C(GAFArguments, MyTrainingArguments)`).
 
-    Supported: a single process (with `gradient_accumulation_steps >= 2`) and data parallelism
+    Supported: a single process (with `gradient_accumulation_steps >= 2`), data parallelism
     launched by `accelerate launch` or `torchrun` (DDP on CPU, CUDA and the other `MULTI_*`
-    backends), in fp32, bf16 and fp16 with loss scaling. DeepSpeed, FSDP, Megatron-LM, XLA,
-    tensor parallelism and `DataParallel` keep no unsharded per-process gradients (or several
-    devices per process), so they are refused at construction.
+    backends), and FSDP2 (torch >= 2.9), in fp32, bf16 and fp16 with loss scaling. FSDP1,
+    DeepSpeed, Megatron-LM, XLA, tensor parallelism and `DataParallel` are refused at
+    construction, naming FSDP2 as the sharded way.
 
     Attributes:
         gaf_state: the [`GAFState`] callback: switch (`gaf_enabled`), adaptive threshold and the
@@ -87,18 +95,24 @@ class GAFMixin:
         )
         self.add_callback(_SkipHandler(self))
         self.add_callback(_SameDataOnEveryRank())
-        self._gaf: _Machinery | None = None
+        self._gaf_run: _Run | None = None
+        self._gaf_step = _Step()
         self.gaf_last_result: GAFResult | None = None
 
     def _check_supported_setup(self) -> None:
         kind = self.accelerator.distributed_type
-        if kind in _UNSUPPORTED or getattr(self, "is_distributed_loading_by_transformers", False):
-            name = _UNSUPPORTED.get(kind, "tensor parallelism")
+        if kind == DistributedType.FSDP and not _is_fsdp2(self):
             raise ValueError(
-                f"GAF does not support {name}: it needs each process's full, unsharded micro-gradients. Supported: "
-                "a single process, or data parallelism (DDP) launched with `accelerate launch` or `torchrun` "
-                "(distributed types NO, MULTI_CPU, MULTI_GPU and the other MULTI_* backends)."
+                "GAF does not support FSDP1 (fsdp_version 1): it replaces FSDP2's gradient reduce-scatter. Use FSDP2: "
+                "--fsdp_config '{\"fsdp_version\": 2}' (or fsdp_version: 2 in the accelerate config)."
             )
+        if kind in _UNSUPPORTED or getattr(self, "is_distributed_loading_by_transformers", False):
+            name = _UNSUPPORTED.get(kind, "tensor parallelism (a model sharded at load time)")
+            raise ValueError(
+                f"GAF does not support {name}: it needs each process's micro-gradients, whole or as FSDP2 shards. {_SUPPORTED}"
+            )
+        if _is_fsdp2(self):
+            compat.check_fsdp2()
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"GAF does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process): launch one "
@@ -112,14 +126,7 @@ class GAFMixin:
                 "its own model. On a machine without GPUs, transformers sets up data parallelism only with "
                 "use_cpu=True (--use_cpu); with GPUs, check that every process sees one."
             )
-        accumulation = self.args.gradient_accumulation_steps
-        if world_size * accumulation < 2:
-            raise ValueError(
-                f"GAF needs at least two micro-gradients per optimizer step, but world_size x "
-                f"gradient_accumulation_steps = {world_size} x {accumulation} = 1: every step would be skipped. "
-                "Set gradient_accumulation_steps >= 2 (e.g. --gradient_accumulation_steps 2), or launch more "
-                "processes (accelerate launch / torchrun --nproc_per_node 2)."
-            )
+        check_microgradients(world_size, self.args.gradient_accumulation_steps)
 
     @property
     def gaf_state(self) -> GAFState:
@@ -145,21 +152,27 @@ class GAFMixin:
     # -- gradients ----------------------------------------------------------------------------
 
     def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
-        """One forward/backward pass of the Trainer (subclass) without DDP's all-reduce, captured as a micro-gradient.
+        """One forward/backward pass of the Trainer (subclass), captured as a micro-gradient.
 
         The loss is normalised by the Trainer itself (by the accumulation steps or by
         `num_items_in_batch`), so each captured gradient is what the plain Trainer would add to
         `.grad`. At the last pass of the step the GAF exchange runs and fills `.grad`.
         """
-        machinery = self._gaf_machinery()
+        run, step = self._gaf_run_for(), self._gaf_step
+        if step.passes >= run.gradients.num_micro:
+            raise RuntimeError(
+                f"GAF captured more than gradient_accumulation_steps={run.gradients.num_micro} micro-gradients for one "
+                "optimizer step; call training_step only from the Trainer's training loop."
+            )
         num_items_in_batch = args[0] if args else kwargs.get("num_items_in_batch")
         if num_items_in_batch is not None:
-            machinery.items.append(self.gaf_num_items(inputs))
-        with self.accelerator.no_sync(model), machinery.buffer.capturing(machinery.passes):
+            step.items.append(self.gaf_num_items(inputs))
+        call = self._gaf_call(run, step, num_items_in_batch) if self.accelerator.sync_gradients else None
+        with run.gradients.capturing(model, step.passes, call):
             loss = super().training_step(model, inputs, *args, **kwargs)
-        machinery.passes += 1
-        if self.accelerator.sync_gradients:
-            self._gaf_step(machinery, num_items_in_batch)
+        step.passes += 1
+        if call is not None:
+            self._gaf_finish_step(run, call, num_items_in_batch)
         return loss
 
     def gaf_num_items(self, inputs: dict[str, Any]) -> int | None:
@@ -170,66 +183,56 @@ class GAFMixin:
         """
         return compat.count_items(self, inputs)
 
-    def _gaf_machinery(self) -> _Machinery:
-        """The step's buffer and exchange; rebuilt when a step begins after the trainable parameters changed."""
-        if self._gaf is None or self._gaf.passes == 0:
+    def _gaf_run_for(self) -> _Run:
+        """The run's gradient path; rebuilt when a step begins after the trainable parameters changed."""
+        if self._gaf_step.passes == 0:
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            if self._gaf is None or not self._gaf.serves(named):
-                if self._gaf is not None:
-                    self._gaf.buffer.close()
-                self._gaf = _Machinery.build(self, named)
-        if self._gaf.passes >= self._gaf.buffer.num_micro:
-            raise RuntimeError(
-                f"GAF captured more than gradient_accumulation_steps={self._gaf.buffer.num_micro} micro-gradients for "
-                "one optimizer step; call training_step only from the Trainer's training loop."
-            )
-        return self._gaf
+            if self._gaf_run is None or not self._gaf_run.serves(named):
+                if self._gaf_run is not None:
+                    self._gaf_run.gradients.close()
+                self._gaf_run = _Run.build(self, named)
+        return self._gaf_run
 
-    def _gaf_step(self, machinery: _Machinery, num_items_in_batch) -> None:
-        """Filter this step's micro-gradients over all processes and install the result as `.grad`."""
-        passes, items = machinery.passes, machinery.items
-        machinery.passes, machinery.items = 0, []
-        state = self.gaf_state
+    def _gaf_call(self, run: _Run, step: _Step, num_items_in_batch) -> _StepCall:
+        """The arguments of this step's exchange, known before its last pass: threshold, units and weighting."""
         normalised = num_items_in_batch is not None and compat.loss_is_normalised_by_items(self, num_items_in_batch)
-        scale, sizes = self._gaf_weighting(machinery, passes, items, num_items_in_batch if normalised else None)
-        threshold = state.threshold(self.args.gaf_threshold)
-        units = machinery.units if state.enabled else machinery.plain_units
+        scale, sizes = self._gaf_weighting(run, step, num_items_in_batch if normalised else None)
+        state = self.gaf_state
+        units = run.gradients.units if state.enabled else run.gradients.plain_units
+        return _StepCall(state.threshold(self.args.gaf_threshold), self.args.gaf_rule, scale, sizes, units, normalised)
+
+    def _gaf_finish_step(self, run: _Run, call: _StepCall, num_items_in_batch) -> None:
+        """Filter this step's micro-gradients over all processes and install the result as `.grad`."""
+        step, self._gaf_step = self._gaf_step, _Step()
         try:
-            result = machinery.exchange(
-                machinery.buffer.buffer, threshold, self.args.gaf_rule,
-                out=machinery.buffer.gradient, scale=scale, sizes=sizes, units=units,
-            )  # fmt: skip
-            received = machinery.received_anywhere()
+            result = run.gradients.exchange(call)
         except RuntimeError as error:
             raise RuntimeError(f"GAF step {self.state.global_step + 1}: {error}") from error
-        if normalised:
-            machinery.check_item_counts(result, num_items_in_batch)
-        elif sizes is not None:
-            machinery.check_passes(result, self.state.global_step + 1)
+        if call.normalised:
+            step.check_item_counts(result, num_items_in_batch)
+        elif call.sizes is not None:
+            step.check_passes(result, run.gradients.num_micro, self.state.global_step + 1)
         self.gaf_last_result = result
-        state.record(result, filtered_units=None if units is None else ~np.asarray(units.averaged))
-        buffer = machinery.buffer
+        self.gaf_state.record(result, filtered_units=None if call.units is None else ~np.asarray(call.units.averaged))
         scaler = self.accelerator.scaler
         if bool(result.non_finite.any()) and scaler is not None and scaler.is_enabled():
             # Loss scaling must see the overflow to lower its scale: hand it non-finite gradients, so it skips
             # this step and backs off exactly as it would without GAF (the same decision on every rank).
-            buffer.gradient.fill_(float("nan"))
-            buffer.install(received)
-            skipped = False
+            run.gradients.fill_non_finite(result)
+            run.skipped = False
         elif result.skipped:
-            buffer.clear()
-            skipped = True
+            run.gradients.clear()
+            run.skipped = True
         else:
-            buffer.install(received & machinery.updated_parameters(result))
-            skipped = False
+            run.gradients.install(result)
+            run.skipped = False
         if result.num_excluded:
             logger.warning(
                 f"GAF step {self.state.global_step + 1}: {result.num_excluded} of {result.num_microgradients} "
                 f"micro-gradients were excluded ({int(result.non_finite.sum())} non-finite, the others zero)."
             )
-        machinery.skipped = skipped
 
-    def _gaf_weighting(self, machinery: _Machinery, passes: int, items: list, num_items_in_batch):
+    def _gaf_weighting(self, run: _Run, step: _Step, num_items_in_batch):
         """The exchange's `scale` and `sizes`, so that the update is the plain Trainer's on the accepted micro-batches.
 
         Per-micro-batch mean losses were divided by the step's passes `k`: the update is `k` x
@@ -238,11 +241,11 @@ class GAFMixin:
         when they average tokens across devices): the update is `n / c` x their sum over the
         accepted micro-batches' items, the token mean over the accepted micro-batches.
         """
-        k_max = machinery.buffer.num_micro
+        k_max, passes = run.gradients.num_micro, step.passes + 1
         absent = [0.0] * (k_max - passes)
         if num_items_in_batch is None:
             return float(passes), None if passes == k_max else [1.0] * passes + absent
-        if any(count is None for count in items):
+        if any(count is None for count in step.items):
             raise ValueError(
                 "GAF weighs token-normalised losses by each micro-batch's items, but could not count them (no "
                 "'labels'); override gaf_num_items(inputs) to count them as your Trainer counts num_items_in_batch."
@@ -254,7 +257,7 @@ class GAFMixin:
                 "(the Trainer's default), so that every micro-batch is normalised by the same token count."
             )
         total = float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
-        return total / processes, [float(count) for count in items] + absent
+        return total / processes, [float(count) for count in step.items] + absent
 
     # -- logging --------------------------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class GAFMixin:
         """Add the `gaf/` statistics of the logging window to training logs; no `grad_norm` for a skipped step."""
         if "loss" in logs:
             logs.update(self.gaf_state.pop_logs())
-            if self._gaf is not None and self._gaf.skipped:
+            if self._gaf_run is not None and self._gaf_run.skipped:
                 logs.pop("grad_norm", None)
         super().log(logs, *args, **kwargs)
 
@@ -289,58 +292,39 @@ class GAFTrainer(GAFMixin, Trainer):
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
 
 
-class _Machinery:
-    """What one run's steps reuse: the buffer, its units, the exchange, and the step in progress."""
+def _is_fsdp2(trainer) -> bool:
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    return trainer.accelerator.distributed_type == DistributedType.FSDP and getattr(plugin, "fsdp_version", 1) == 2
 
-    def __init__(self, trainer, named, order, units: Units | None):
-        self.named = named
-        self.buffer = GradientBuffer(order, trainer.args.gradient_accumulation_steps)
-        self.units = units
-        whole = Units.whole(self.buffer.numel) if units is None else units
-        self.plain_units = Units(whole.sizes, (True,) * len(whole))
-        self.unit_of_parameter = np.searchsorted(np.asarray(whole.bounds[1:]), np.asarray(self.buffer.offsets), side="right")
-        bucket_size = trainer.args.gaf_bucket_size or DEFAULT_BUCKET_SIZE
-        self.exchange = GAFExchange(exchange=trainer.args.gaf_exchange, bucket_size=bucket_size)
-        self.group = None
-        self.passes = 0
-        self.items: list[int | None] = []
-        self.skipped = False
 
-    @classmethod
-    def build(cls, trainer, named) -> _Machinery:
-        order, units = parameter_units(
-            named,
-            trainer.args.gaf_granularity,
-            group_by=trainer.args.gaf_group_by,
-            averaged=trainer.args.gaf_averaged_parameters,
-        )
-        _check_memory(trainer, order)
-        return cls(trainer, named, order, units)
+# -- one step, and what lasts ---------------------------------------------------------------------
 
-    def serves(self, named) -> bool:
-        return len(named) == len(self.named) and all(a[1] is b[1] for a, b in zip(named, self.named))
 
-    def received_anywhere(self) -> torch.Tensor:
-        """Which parameters got a gradient in any pass of this step on any process."""
-        received = self.buffer.received
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            counts = received.to(torch.int32).to(self.buffer.buffer.device)
-            try:
-                dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-            except RuntimeError as error:
-                raise RuntimeError(
-                    f"another rank did not answer within the process group's timeout ({error}). A rank may have hung "
-                    "or died. The timeout is ddp_timeout (TrainingArguments)."
-                ) from error
-            received = counts.cpu().bool()
-        return received
+@dataclass(frozen=True)
+class _StepCall:
+    """One step's exchange arguments, and whether its losses were normalised by their items."""
 
-    def updated_parameters(self, result: GAFResult) -> torch.Tensor:
-        return result.updated[torch.from_numpy(self.unit_of_parameter)]
+    threshold: float
+    rule: str
+    scale: float
+    sizes: list[float] | None
+    units: Units | None
+    normalised: bool
 
-    def check_passes(self, result: GAFResult, step: int) -> None:
+    def arguments(self) -> dict[str, Any]:
+        return dict(threshold=self.threshold, rule=self.rule, scale=self.scale, sizes=self.sizes, units=self.units)
+
+
+@dataclass
+class _Step:
+    """The step in progress: its passes so far and their items."""
+
+    passes: int = 0
+    items: list[int | None] = field(default_factory=list)
+
+    def check_passes(self, result: GAFResult, k: int, step: int) -> None:
         """Raise if the processes ran different numbers of passes in this step (sizes of 1 and 0 tell)."""
-        passes = (result.sizes.reshape(-1, self.buffer.num_micro) > 0).sum(1).tolist()
+        passes = (result.sizes.reshape(-1, k) > 0).sum(1).tolist()
         if len(set(passes)) > 1:
             raise _data_lengths_differ(f"the number of forward/backward passes in step {step}", passes)
 
@@ -355,6 +339,136 @@ class _Machinery:
             )
 
 
+class _Run:
+    """What a run's steps reuse: the parameters it was built for and their gradient path."""
+
+    def __init__(self, named, gradients: _DataParallelGradients | _ShardedGradients):
+        self.named = named
+        self.gradients = gradients
+        self.skipped = False
+
+    @classmethod
+    def build(cls, trainer, named) -> _Run:
+        args = trainer.args
+        units = parameter_units(named, args.gaf_granularity, group_by=args.gaf_group_by, averaged=args.gaf_averaged_parameters)
+        k, device = args.gradient_accumulation_steps, units.parameters[0].device
+        if _is_fsdp2(trainer):
+            gradients = _ShardedGradients(trainer.model, k, units)  # allocates at the first pass
+            _check_memory(gradients.plan(), device)
+        else:
+            exchange = GAFExchange(exchange=args.gaf_exchange, bucket_size=args.gaf_bucket_size)
+            _check_memory(_DataParallelGradients.plan(exchange, units, k), device)
+            gradients = _DataParallelGradients(trainer.accelerator, units, k, exchange)
+        return cls(named, gradients)
+
+    def serves(self, named) -> bool:
+        return len(named) == len(self.named) and all(a[1] is b[1] for a, b in zip(named, self.named))
+
+
+class _DataParallelGradients:
+    """Data parallelism: DDP's all-reduce off, each pass moved into a [`GradientBuffer`] row, one [`GAFExchange`]."""
+
+    def __init__(self, accelerator, units: ParameterUnits, k: int, exchange: GAFExchange):
+        self.accelerator = accelerator
+        self.parameter_units = units
+        self.buffer = GradientBuffer(units.parameters, k)
+        self.exchange_state = exchange
+        self.units = units.units()
+        self.plain_units = units.plain()
+
+    @property
+    def num_micro(self) -> int:
+        return self.buffer.num_micro
+
+    @staticmethod
+    def plan(exchange: GAFExchange, units: ParameterUnits, k: int) -> _MemoryPlan:
+        """What this path will allocate: the `[K+1, P]` buffer, and the exchange's receive buffer."""
+        params = units.parameters
+        p = sum(param.numel() for param in params)
+        receive = exchange.receive_buffer_bytes(k, p, params[0].element_size())
+        return _MemoryPlan(
+            {"the [K+1, P] micro-gradient buffer": GradientBuffer.required_bytes(params, k), "the exchange's receive buffer": receive},
+            f"K={k} micro-gradients of P={p:,} parameters",
+            "Lower gradient_accumulation_steps (K) and raise per_device_train_batch_size or the number of processes "
+            "instead, shard the model with FSDP2, or freeze parameters.",
+        )
+
+    @contextlib.contextmanager
+    def capturing(self, model, k: int, call: _StepCall | None) -> Iterator[None]:
+        with self.accelerator.no_sync(model), self.buffer.capturing(k):
+            yield
+
+    def exchange(self, call: _StepCall) -> GAFResult:
+        return self.exchange_state(
+            self.buffer.buffer, **call.arguments(), out=self.buffer.gradient, received=self.buffer.received
+        )
+
+    def install(self, result: GAFResult) -> None:
+        self.buffer.install(result.received & self.parameter_units.updated(result))
+
+    def fill_non_finite(self, result: GAFResult) -> None:
+        self.buffer.gradient.fill_(float("nan"))
+        self.buffer.install(result.received)
+
+    def clear(self) -> None:
+        self.buffer.clear()
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+class _ShardedGradients:
+    """FSDP2: every pass's reduce-scatter replaced by an [`~hf_gaf.FSDPExchange`] on the wrapped model.
+
+    With one pass per step and units within `fully_shard` modules, each module is decided during
+    the backward pass (`overlap`), so the step's arguments go to the pass instead of the call.
+    """
+
+    def __init__(self, model, k: int, units: ParameterUnits):
+        from .fsdp import FSDPExchange
+
+        self.exchange_state = FSDPExchange(model, k, units, overlap="auto")
+        self.units = self.exchange_state.units
+        self.plain_units = self.exchange_state.plain_units
+        self.num_micro = k
+
+    def plan(self) -> _MemoryPlan:
+        """What the exchange will allocate on this rank: the step's shards and this rank's filtered shard."""
+        exchange = self.exchange_state
+        element = exchange.params[0].element_size()
+        gradient = exchange.width * element
+        return _MemoryPlan(
+            {"the step's micro-gradient shards": exchange.required_bytes(element) - gradient, "this rank's filtered shard": gradient},
+            f"K={self.num_micro} micro-gradients in shards of {exchange.width:,} elements",
+            "Lower gradient_accumulation_steps (K) and raise per_device_train_batch_size, shard over more processes, "
+            "or freeze parameters.",
+        )
+
+    @contextlib.contextmanager
+    def capturing(self, model, k: int, call: _StepCall | None) -> Iterator[None]:
+        early = call.arguments() if call is not None and self.exchange_state.overlap else {}
+        with self.exchange_state.capturing(k, **early):
+            yield
+
+    def exchange(self, call: _StepCall) -> GAFResult:
+        if self.exchange_state.overlap:
+            return self.exchange_state()
+        return self.exchange_state(**call.arguments())
+
+    def install(self, result: GAFResult) -> None:
+        """The exchange installed the sharded gradients itself."""
+
+    def fill_non_finite(self, result: GAFResult) -> None:
+        self.exchange_state.fill_non_finite(result)
+
+    def clear(self) -> None:
+        for param in self.exchange_state.params:
+            param.grad = None
+
+    def close(self) -> None:
+        self.exchange_state.close()
+
+
 def _data_lengths_differ(what: str, per_rank: list[int]) -> ValueError:
     return ValueError(
         f"The processes' training data have different lengths: {what} is {per_rank} by rank, so the ranks would "
@@ -363,28 +477,25 @@ def _data_lengths_differ(what: str, per_rank: list[int]) -> ValueError:
     )
 
 
-def _check_memory(trainer, order) -> None:
-    """Log what GAF will allocate; refuse, naming K, P and the total, when it clearly does not fit."""
-    k = trainer.args.gradient_accumulation_steps
-    p = sum(param.numel() for param in order)
-    element = torch.finfo(order[0].dtype).bits // 8 if order[0].dtype.is_floating_point else 4
-    device = order[0].device
-    buffer = GradientBuffer.required_bytes(order, k)
-    exchange = GAFExchange(
-        exchange=trainer.args.gaf_exchange, bucket_size=trainer.args.gaf_bucket_size or DEFAULT_BUCKET_SIZE
-    ).receive_buffer_bytes(k, p, element)
-    total = buffer + exchange
-    logger.info(
-        f"GAF allocates {_gib(total)} on {device}: {k} x {p:,} micro-gradient buffer and the filtered gradient "
-        f"({_gib(buffer)}), and the exchange's receive buffer ({_gib(exchange)})."
-    )
+@dataclass(frozen=True)
+class _MemoryPlan:
+    """What a gradient path will allocate (bytes by purpose), for what, and how to need less."""
+
+    parts: dict[str, int]
+    what: str
+    fix: str
+
+
+def _check_memory(plan: _MemoryPlan, device: torch.device) -> None:
+    """Log what GAF will allocate; refuse before allocating, naming the sizes and the fix, when it clearly does not fit."""
+    total = sum(plan.parts.values())
+    parts = ", ".join(f"{_gib(size)} for {name}" for name, size in plan.parts.items())
+    logger.info(f"GAF allocates {_gib(total)} on {device} for {plan.what}: {parts}.")
     free = available_memory(device)
     if free is not None and total > free:
         raise MemoryError(
-            f"GAF needs {_gib(total)} on {device} for K={k} micro-gradients of P={p:,} parameters "
-            f"({_gib(buffer)} for the [K+1, P] buffer, {_gib(exchange)} for the exchange), but only {_gib(free)} "
-            "is available. Lower gradient_accumulation_steps (K) and raise per_device_train_batch_size or the "
-            "number of processes instead, or freeze parameters."
+            f"GAF needs {_gib(total)} on {device} for {plan.what} ({parts}), but only {_gib(free)} is available. "
+            f"{plan.fix}"
         )
 
 
@@ -406,8 +517,8 @@ class _SkipHandler(TrainerCallback):
         self.trainer = trainer
 
     def _skipped(self) -> bool:
-        machinery = self.trainer._gaf
-        return machinery is not None and machinery.skipped
+        run = self.trainer._gaf_run
+        return run is not None and run.skipped
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._skipped():

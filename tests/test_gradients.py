@@ -197,14 +197,17 @@ def test_capturing_removes_its_hooks_even_after_an_error():
 def test_parameter_units_order_parameters_unit_by_unit():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     named = list(model.named_parameters())
-    order, units = parameter_units(named, "model")
-    assert units is None and order == [p for _, p in named]
-    order, units = parameter_units(named, "tensor")
-    assert units.sizes == (12, 4, 8, 2) and not any(units.averaged)
-    order, units = parameter_units(named, "model", averaged=["bias"])
-    assert [p.numel() for p in order] == [12, 8, 4, 2] and units.sizes == (20, 6) and units.averaged == (False, True)
-    order, units = parameter_units(named, "group", group_by=r"\d+")
-    assert units.sizes == (16, 10) and order == [p for _, p in named]
+    whole = parameter_units(named, "model")
+    assert whole.units() is None and whole.whole_model and list(whole.parameters) == [p for _, p in named]
+    assert whole.plain().sizes == (26,) and whole.plain().averaged == (True,)
+    tensor = parameter_units(named, "tensor")
+    assert tensor.units().sizes == (12, 4, 8, 2) and not any(tensor.units().averaged) and tensor.unit_of == (0, 1, 2, 3)
+    averaged = parameter_units(named, "model", averaged=["bias"])
+    assert [p.numel() for p in averaged.parameters] == [12, 8, 4, 2] and averaged.names == ("0.weight", "2.weight", "0.bias", "2.bias")
+    assert averaged.units().sizes == (20, 6) and averaged.units().averaged == (False, True) and averaged.unit_of == (0, 0, 1, 1)
+    assert averaged.plain().averaged == (True, True) and averaged.units(sizes=[1, 2, 3, 4]).sizes == (3, 7)
+    group = parameter_units(named, "group", group_by=r"\d+")
+    assert group.units().sizes == (16, 10) and list(group.parameters) == [p for _, p in named]
     with pytest.raises(ValueError, match="needs gaf_group_by"):
         parameter_units(named, "group")
     with pytest.raises(ValueError, match="Unknown GAF granularity"):

@@ -300,11 +300,11 @@ def test_plain_training_arguments_get_a_one_line_recipe(tmp_path):
         GAFTrainer(model=TinyClassifier(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
 
 
-@pytest.mark.parametrize("kind, name", [(DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP")])
-def test_refuses_sharded_setups(tmp_path, monkeypatch, kind, name):
+@pytest.mark.parametrize("kind, name", [(DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP1")])
+def test_refuses_sharded_setups_other_than_fsdp2_naming_fsdp2(tmp_path, monkeypatch, kind, name):
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: kind))
     args = GAFTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", gradient_accumulation_steps=2)
-    with pytest.raises(ValueError, match=f"does not support {name}.*MULTI_CPU"):
+    with pytest.raises(ValueError, match=f"does not support {name}.*FSDP2.*fsdp_version.*2"):
         GAFTrainer(model=TinyClassifier(), args=args)
 
 
