@@ -1,7 +1,8 @@
 """Gradient Agreement Filtering (GAF) for the Hugging Face training stack.
 
-The math (`rule`), the exchange across processes (`exchange`) and the gradient buffer
-(`gradients`) import only torch; the Trainer integration (`GAFMixin`, `GAFTrainer`,
+The math (`kernel`, `rule`), the exchanges across processes (`exchange` for data parallelism,
+`fsdp` for FSDP2, loaded on first use) and the gradient buffer (`gradients`) import only torch;
+the Trainer integration (`GAFMixin`, `GAFTrainer`,
 `GAFArguments`, which pull in transformers) and the TRL pairing (`GAFSFTTrainer`, which needs
 trl) load on first use. The paper's experiments live beside the library in `hf_gaf.train`.
 """
@@ -14,6 +15,7 @@ from .rule import RULES, GAFResult, Units, filter_microgradients
 
 if TYPE_CHECKING:
     from .arguments import GAFArguments, GAFTrainingArguments
+    from .fsdp import FSDPExchange
     from .state import GAFState
     from .trainer import GAFMixin, GAFTrainer
     from .trl import GAFSFTConfig, GAFSFTTrainer
@@ -23,6 +25,7 @@ __version__ = "0.2.0"
 __all__ = [
     "EXCHANGES",
     "RULES",
+    "FSDPExchange",
     "GAFArguments",
     "GAFExchange",
     "GAFMixin",
@@ -39,6 +42,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "FSDPExchange": ".fsdp",
     "GAFArguments": ".arguments",
     "GAFTrainingArguments": ".arguments",
     "GAFState": ".state",

@@ -41,7 +41,8 @@ __all__ = [
     "check_fsdp2",
     "check_trainer",
     "count_items",
-    "fsdp_managed_parameters",
+    "fsdp2_supported",
+    "fsdp_units",
     "loss_is_normalised_by_items",
     "mark_optimizer_step_skipped",
     "reduce_scatter_interface",
@@ -186,6 +187,15 @@ def check_fsdp2() -> None:
         _require(False, f"torch.distributed.fsdp has no ReduceScatter interface ({error})")
 
 
+def fsdp2_supported() -> bool:
+    """Whether [`check_fsdp2`] passes on the installed torch."""
+    try:
+        check_fsdp2()
+    except UnsupportedVersionError:
+        return False
+    return True
+
+
 def reduce_scatter_interface() -> type:
     """FSDP2's `ReduceScatter` interface (private in torch), which a custom reduce-scatter implements."""
     from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
@@ -208,20 +218,32 @@ def restore_default_reduce_scatter(module) -> None:
         group._all_reduce_hook = None
 
 
-def fsdp_managed_parameters(module) -> list:
-    """The parameters one FSDP2 module shards, in the order its reduce-scatter lays them out.
+def fsdp_units(model) -> list[tuple[object, list]]:
+    """Every `fully_shard` call's module and the parameters it shards, in the order its reduce-scatter lays them out.
 
-    Raises when the module's parameters were split into several groups (a per-parameter mesh),
-    which a custom reduce-scatter cannot serve.
+    One call may cover several modules (`fully_shard([norm, lm_head])`, as accelerate wraps a
+    model's last layers): they share one state and one reduce-scatter, listed once, under the
+    first of them. Raises when a call's parameters were split into several groups (a
+    per-parameter mesh), which a custom reduce-scatter cannot serve.
     """
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is not None and len(groups) > 1:
-        raise ValueError(
-            f"GAF under FSDP2 needs one parameter group per fully_shard module, but {type(module).__name__} has "
-            f"{len(groups)} (a shard_placement_fn giving parameters different meshes); shard them on one mesh."
-        )
-    group = state._fsdp_param_group
-    params = [] if group is None else [fsdp_param.sharded_param for fsdp_param in group.fsdp_params]
-    _require(all(isinstance(p, torch.nn.Parameter) for p in params), "FSDP2 parameter groups hold no sharded parameters")
-    return params
+    from torch.distributed.fsdp import FSDPModule
+
+    units, seen = [], set()
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        if id(state) in seen:
+            continue
+        seen.add(id(state))
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is not None and len(groups) > 1:
+            raise ValueError(
+                f"GAF under FSDP2 needs one parameter group per fully_shard call, but {type(module).__name__} has "
+                f"{len(groups)} (a shard_placement_fn giving parameters different meshes); shard them on one mesh."
+            )
+        group = state._fsdp_param_group
+        params = [] if group is None else [fsdp_param.sharded_param for fsdp_param in group.fsdp_params]
+        _require(all(isinstance(p, torch.nn.Parameter) for p in params), "FSDP2 parameter groups hold no sharded parameters")
+        units.append((module, params))
+    return units

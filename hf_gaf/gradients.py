@@ -278,7 +278,7 @@ class ParameterUnits:
 
     def updated(self, result: GAFResult) -> torch.Tensor:
         """Per parameter, whether its unit was updated in `result`."""
-        return result.updated[torch.tensor(self.unit_of)] if len(self) > 1 else result.updated[[0] * len(self.parameters)]
+        return result.updated[torch.tensor(self.unit_of)]
 
     def _unit_sizes(self, sizes: Sequence[int] | None) -> tuple[int, ...]:
         sizes = [p.numel() for p in self.parameters] if sizes is None else list(sizes)
