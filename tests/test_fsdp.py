@@ -54,10 +54,14 @@ def _flat(accepted) -> list[bool]:
     return list(itertools.chain.from_iterable(accepted)) if isinstance(accepted[0], list) else list(accepted)
 
 
+def _runs(selected) -> list[tuple[int, str]]:
+    """Every case at 2 and 3 processes, and at 1 (FSDP2's single-rank path) where a step has two micro-gradients."""
+    return [(nproc, case.name) for case in selected for nproc in (1, 2, 3) if nproc * case.k >= 2]
+
+
 @needs_fsdp2
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("nproc", [2, 3])
-@pytest.mark.parametrize("name", [case.name for case in CASES if case.tau >= 2])
+@pytest.mark.parametrize("nproc, name", _runs(c for c in CASES if c.tau >= 2))
 def test_tau_two_is_plain_fsdp2_training(launched, nproc, name):
     reports = _case(launched, nproc, name)
     tolerance = 2e-3 if CASES_BY_NAME[name].precision == "bf16-reduce-bf16" else 1e-5
@@ -71,8 +75,7 @@ def test_tau_two_is_plain_fsdp2_training(launched, nproc, name):
 
 @needs_fsdp2
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("nproc", [2, 3])
-@pytest.mark.parametrize("name", [case.name for case in CASES if case.tau < 2])
+@pytest.mark.parametrize("nproc, name", _runs(c for c in CASES if c.tau < 2))
 def test_filtering_decides_as_the_data_parallel_exchange_on_the_same_microgradients(launched, nproc, name):
     reports = _case(launched, nproc, name)
     for rank, report in enumerate(reports):
@@ -103,7 +106,7 @@ def test_the_filtering_cases_reject_microgradients(launched):
 
 @needs_fsdp2
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [1, 2, 3])
 def test_tau_zero_leaves_parameters_and_optimizer_state_untouched(launched, nproc):
     for report in (r["untouched"] for r in launched(nproc, "cases")):
         assert report == {"skipped": [True] * 3, "parameters_equal": True, "optimizer_equal": True, "grads_none": True}
@@ -111,7 +114,7 @@ def test_tau_zero_leaves_parameters_and_optimizer_state_untouched(launched, npro
 
 @needs_fsdp2
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [1, 2, 3])
 def test_a_sharded_checkpoint_resumes_bit_identically(launched, nproc):
     for report in (r["checkpoint"] for r in launched(nproc, "cases")):
         assert "error" not in report, report.get("error")
@@ -121,7 +124,7 @@ def test_a_sharded_checkpoint_resumes_bit_identically(launched, nproc):
 
 @needs_fsdp2
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [1, 2, 3])
 def test_a_rank_holds_the_steps_shards_and_with_overlap_one_modules(launched, nproc):
     report = launched(nproc, "cases")[0]["memory"]
     for key, k in (("K2", 2), ("K1", 1)):
