@@ -16,13 +16,11 @@ import torch
 from hf_gaf import compat
 
 from .distributed.fsdp_worker import CASES, ERRORS
+from .testing_utils import needs_fsdp2
 
 LAUNCH_TIMEOUT = 420  # seconds; a hang fails the test instead of blocking the suite
 CASES_BY_NAME = {case.name: case for case in CASES}
 
-needs_fsdp2 = pytest.mark.skipif(
-    not compat.fsdp2_supported(), reason=f"GAF under FSDP2 needs torch >= {compat.FSDP2_MINIMUM_TORCH}"
-)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ import re
 
 import pytest
 
-from hf_gaf import compat
-
-from .testing_utils import REPO
+from .testing_utils import REPO, needs_fsdp2
 
 
 def readme_example(marker: str = "gaf_all_reduce") -> str:
@@ -36,7 +34,7 @@ def test_custom_loop_example_keeps_ranks_identical(tmp_path, torchrun):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.skipif(not compat.fsdp2_supported(), reason=f"FSDPExchange needs torch >= {compat.FSDP2_MINIMUM_TORCH}")
+@needs_fsdp2
 def test_fsdp2_custom_loop_example_ends_with_the_same_gathered_model_on_every_rank(tmp_path, torchrun):
     script = tmp_path / "example.py"
     example = readme_example("FSDPExchange").replace("dist.destroy_process_group()", "")
@@ -55,7 +53,7 @@ def test_fsdp2_custom_loop_example_ends_with_the_same_gathered_model_on_every_ra
 
 
 @pytest.mark.multiprocess
-@pytest.mark.skipif(not compat.fsdp2_supported(), reason=f"FSDPExchange needs torch >= {compat.FSDP2_MINIMUM_TORCH}")
+@needs_fsdp2
 def test_the_fsdp2_example_script_trains_and_prints_its_gaf_statistics(torchrun):
     done = torchrun(["examples/fsdp2_custom_loop.py", "--steps", "40", "--log_every", "20"], 2, timeout=180)
     lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]

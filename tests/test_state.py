@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_gaf import GAFState, Units, filter_microgradients
+from hf_gaf import GAFState, filter_microgradients
 from hf_gaf.state import TrainsNothingError
 
 

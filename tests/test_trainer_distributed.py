@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from .testing_utils import needs_fsdp2
+
 pytestmark = pytest.mark.multiprocess
 
 WORKER = ["-m", "tests.distributed.trainer_worker"]
@@ -126,3 +128,42 @@ def test_a_hung_rank_makes_the_others_fail_within_ddp_timeout(launched):
     assert report["hang"].startswith("RuntimeError: GAF step 3:"), report["hang"]
     assert "rank 1 did not" in report["hang"] and "ddp_timeout" in report["hang"]
     assert report["hang_seconds"] < 30, "ddp_timeout=4 did not reach the process group (torch's default is 30 min)"
+
+
+# -- FSDP2 (accelerate's FSDP2 path on CPU processes, tests.testing_utils.FSDP2OnCPU) ------------------------------
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("run", ["k2_model", "k1_tensor", "k1_model"])
+def test_threshold_two_equals_the_plain_trainer_under_fsdp2(launched, run):
+    for report in launched(2, "fsdp2"):
+        assert report[f"fsdp2_{run}_sharded"] == "FSDPLlamaForCausalLM", "accelerate did not shard the model"
+        assert _max_difference(report[f"fsdp2_{run}_gaf"], report[f"fsdp2_{run}_plain"]) < 1e-6
+        # With one pass per step and units inside the fully_shard modules, each is decided during the backward pass.
+        assert report[f"fsdp2_{run}_overlap"] == (run == "k1_tensor")
+
+
+@needs_fsdp2
+def test_under_fsdp2_the_trainer_filters_as_under_ddp(launched):
+    for report in launched(2, "fsdp2"):
+        sharded, ddp = report["fsdp2_filter_accepted"]
+        assert sharded == ddp and not all(sharded), "the negated micro-batches should be rejected, alike"
+        assert _max_difference(*report["fsdp2_filter_params"]) < 1e-6
+
+
+@needs_fsdp2
+def test_under_fsdp2_skipped_steps_leave_model_optimizer_and_schedule_alone(launched):
+    for report in launched(2, "fsdp2"):
+        skip = report["fsdp2_skip"]
+        assert skip["summary"]["gaf/skipped_steps_total"] == skip["summary"]["gaf/steps"] == 3
+        assert skip["unchanged"] and skip["optimizer_state"] == 0
+        assert skip["learning_rates"] == [skip["learning_rates"][0]] * 3, "the LR schedule moved on skipped steps"
+
+
+@needs_fsdp2
+def test_an_fsdp2_sharded_checkpoint_resumes_with_the_gaf_state(launched):
+    for report in launched(2, "fsdp2"):
+        resume = report["fsdp2_resume"]
+        assert "pytorch_model_fsdp_0" in resume["checkpoint"] and "optimizer_0" in resume["checkpoint"]
+        assert resume["equal"], "the resumed run differs from the uninterrupted one"
+        assert resume["state"][0] == resume["state"][1] and resume["state"][0]["gaf/steps"] == 4

@@ -7,11 +7,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_gaf import GAFArguments, GAFMixin, GAFTrainer, GAFTrainingArguments
+from hf_gaf import GAFArguments, GAFMixin, GAFTrainer, GAFTrainingArguments, compat
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -176,6 +177,43 @@ def train(
             callback.trainer = trainer
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer, recorder
+
+
+needs_fsdp2 = pytest.mark.skipif(
+    not compat.fsdp2_supported(), reason=f"GAF under FSDP2 needs torch >= {compat.FSDP2_MINIMUM_TORCH}"
+)
+
+
+class FSDP2OnCPU:
+    """Trainer mixin: accelerate's FSDP2 path on CPU processes (gloo), which accelerate itself runs only on accelerators.
+
+    With `use_cpu=True` accelerate sets up data parallelism and drops an FSDP plugin; this puts
+    the FSDP2 plugin back (one `fully_shard` per decoder layer, as `fsdp_config` with
+    `transformer_layer_cls_to_wrap` asks) and marks the process state as FSDP, so that the
+    Trainer, accelerate and GAF take their FSDP2 code paths: wrapping, `no_sync`, gradient
+    clipping, sharded checkpoints. A test device, not a way to train: a GPU runs the real one
+    (benchmarks/gpu_check.py).
+    """
+
+    fsdp_layers = ("LlamaDecoderLayer",)
+
+    def create_accelerator_and_postprocess(self):
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        super().create_accelerator_and_postprocess()
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(self.fsdp_layers)
+        )
+        self.accelerator.state.fsdp_plugin = plugin
+        self.accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState copies it on every init
+        self.is_fsdp_enabled = True
+
+
+def gathered_parameters(model: nn.Module) -> list[list[float]]:
+    """Every parameter, whole (an FSDP2 `DTensor` gathered from its shards), flat, as lists."""
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1).tolist() for p in model.parameters()]
 
 
 class CountingTrainer(Trainer):

@@ -15,6 +15,10 @@ Scenarios (each reports under its own keys):
   bucket        gaf_bucket_size differs across ranks: the error every rank raises.
   lengths       every rank trains on a dataset of another length: the error every rank raises.
   hang          the last rank stops itself (SIGSTOP) after step 2; ddp_timeout is 4 s: what the others raise.
+  fsdp2         accelerate's FSDP2 path on CPU (`FSDP2OnCPU`), a tiny Llama wrapped per decoder layer: tau=2 vs the
+                plain Trainer under FSDP2 (K=2; K=1 per tensor, decided during the backward pass; K=1 whole model);
+                filtering (one micro-batch negated) vs the same GAFTrainer under DDP; tau=0 (every step skipped);
+                a sharded checkpoint resumed vs the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from hf_gaf import GAFTrainer, GAFTrainingArguments, compat
 from ..lm_utils import InOrder, InOrderTrainer, NegateThird, SequenceDataset, collate, sequences, tiny_llama
 from ..testing_utils import (
     BASE_OPTIONS,
+    FSDP2OnCPU,
+    gathered_parameters,
     BatchRecordingClassifier,
     BranchyClassifier,
     ClusterDataset,
@@ -221,6 +227,74 @@ def run_hang(out: str, rank: int, world: int) -> dict:
     return {"hang": error, "hang_seconds": time.perf_counter() - started}
 
 
+class FSDP2Trainer(FSDP2OnCPU, InOrderTrainer):
+    pass
+
+
+class FSDP2GAFTrainer(FSDP2OnCPU, GAFInOrderTrainer):
+    pass
+
+
+class FSDP2NegatingTrainer(FSDP2OnCPU, GAFNegatingTrainer):
+    pass
+
+
+def _lm_trainer(cls, out: str, data, **options):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()  # every run builds its own accelerator state (FSDP2 or not)
+    GradientState._reset_state()
+    NegateThird.passes = 0
+    base = {**BASE_OPTIONS, "per_device_train_batch_size": 1, "logging_steps": 1, "learning_rate": 0.01}
+    args_class = GAFTrainingArguments if issubclass(cls, GAFTrainer) else TrainingArguments
+    trainer = cls(model=tiny_llama(), args=args_class(**{**base, **options}, output_dir=out),
+                  train_dataset=SequenceDataset(data), data_collator=collate)  # fmt: skip
+    return trainer
+
+
+def run_fsdp2(out: str, rank: int, world: int) -> dict:
+    data = sequences([5, 12, 17, 3, 9, 21, 4, 15, 11, 6, 8, 9] * 2)
+    report = {}
+    for k, granularity in ((2, "model"), (1, "tensor"), (1, "model")):
+        options = dict(gradient_accumulation_steps=k, max_steps=3, optim="adamw_torch", weight_decay=0.1)
+        plain = _lm_trainer(FSDP2Trainer, f"{out}/fsdp_plain{k}", data, **options)
+        plain.train()
+        gaf = _lm_trainer(FSDP2GAFTrainer, f"{out}/fsdp_gaf{k}{granularity}", data, gaf_threshold=2.0,
+                          gaf_granularity=granularity, **options)  # fmt: skip
+        gaf.train()
+        name = f"fsdp2_k{k}_{granularity}"
+        report[f"{name}_sharded"] = type(gaf.model_wrapped).__name__
+        report[f"{name}_overlap"] = gaf._gaf_run.gradients.exchange_state.overlap
+        report[f"{name}_gaf"], report[f"{name}_plain"] = gathered_parameters(gaf.model), gathered_parameters(plain.model)
+    options = dict(gradient_accumulation_steps=3, max_steps=2, gaf_threshold=1.0, optim="sgd", learning_rate=1.0, max_grad_norm=0.0)
+    ddp = _lm_trainer(GAFNegatingTrainer, f"{out}/neg_ddp", data, **options)
+    ddp.train()
+    sharded = _lm_trainer(FSDP2NegatingTrainer, f"{out}/neg_fsdp", data, **options)
+    sharded.train()
+    report["fsdp2_filter_accepted"] = [sharded.gaf_last_result.accepted.tolist(), ddp.gaf_last_result.accepted.tolist()]
+    report["fsdp2_filter_params"] = [gathered_parameters(sharded.model), gathered_parameters(ddp.model)]
+    skipped = _lm_trainer(FSDP2GAFTrainer, f"{out}/skip", data, gradient_accumulation_steps=2, max_steps=3, gaf_threshold=0.0)
+    skipped.train()
+    report["fsdp2_skip"] = {
+        "summary": skipped.gaf_state.summary(),
+        "unchanged": gathered_parameters(skipped.model) == gathered_parameters(tiny_llama()),
+        "optimizer_state": len(skipped.optimizer.state),
+        "learning_rates": [e["learning_rate"] for e in skipped.state.log_history if "learning_rate" in e],
+    }
+    options = dict(gradient_accumulation_steps=2, max_steps=4, gaf_threshold=0.97, save_strategy="steps", save_steps=2,
+                   lr_scheduler_type="linear")  # fmt: skip
+    whole = _lm_trainer(FSDP2GAFTrainer, f"{out}/resume", data, **options)
+    whole.train()
+    resumed = _lm_trainer(FSDP2GAFTrainer, f"{out}/resume", data, **options)
+    resumed.train(resume_from_checkpoint=f"{out}/resume/checkpoint-2")
+    report["fsdp2_resume"] = {
+        "equal": gathered_parameters(whole.model) == gathered_parameters(resumed.model),
+        "state": [whole.gaf_state.summary(), resumed.gaf_state.summary()],
+        "checkpoint": sorted(os.listdir(f"{out}/resume/checkpoint-2")),
+    }
+    return report
+
+
 SCENARIOS = {
     "equivalence": run_equivalence,
     "filtering": run_filtering,
@@ -232,6 +306,7 @@ SCENARIOS = {
     "bucket": run_bucket,
     "lengths": run_lengths,
     "hang": run_hang,
+    "fsdp2": run_fsdp2,
 }
 
 
