@@ -57,6 +57,23 @@ Checks, their pass criteria and the full sizes (`FULL`; `QUICK` are the tiny one
   the documented `(K + 1) x P x element size` (the `[K, P]` micro-gradient buffer and the `[P]` filtered
   gradient, `GradientBuffer.required_bytes`); since GAF frees `.grad` between passes, expect about `K x P`.
 
+- `correctness/fsdp2/exchange`: `FSDPExchange` at world size 1 (FSDP2's single-rank path, its all-reduce
+  hook) in one `torchrun` process: a Llama from a config sharded per decoder layer, K = 3 with one micro-batch
+  per step trained on its negated loss, tau 0.97, 3 SGD steps, against the data-parallel exchange on an
+  unsharded copy and the same micro-gradients. Passes when the accepted sets are equal, the distances within
+  1e-5 and the parameters within 1e-5 (relative to how far training moved them). Runs on the CPU too (gloo).
+- `correctness/fsdp2/trainer`: `GAFTrainer` at `gaf_threshold=2` against `Trainer`, both under accelerate's
+  FSDP2 (`fsdp="full_shard"`, `fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap":
+  ["LlamaDecoderLayer"]}`), world size 1, K = 2, fp32, 6 AdamW steps on token-normalised losses; passes when
+  the model is sharded, every micro-gradient is accepted and the parameters differ by at most 1e-5 in the
+  measure of the equivalence checks. Needs CUDA (accelerate runs FSDP only on accelerators; on the CPU the
+  same worker runs without FSDP and the check is skipped, `tests/test_trainer_distributed.py` covering the
+  FSDP2 path on CPU processes).
+- `speed/fsdp2`, `memory/fsdp2`: the same FSDP2 setup in bf16 (`bf16=True`), K = 2, on a 12-layer Llama of
+  hidden size 1024 (about 200M parameters): step time of `GAFTrainer` over `Trainer` (medians after warm-up),
+  and its extra peak CUDA memory, which must stay within the step's shards and the filtered shard,
+  `(K + 1) x P` elements at world size 1. Need CUDA.
+
 The full sizes keep the run well inside an 8-minute window on one H100/H200-class GPU; `--time-budget`
 (default 420 s) bounds it in any case.
 """
@@ -65,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import gc
 import math
 import statistics
@@ -144,6 +162,8 @@ class Sizes:
     filter_time_micro: tuple[int, ...]
     filter_time_warmup: int
     filter_time_calls: int
+    fsdp2_model: tuple[int, int] = (1024, 12)  # hidden size, decoder layers
+    fsdp2_steps: int = 6
     accumulation: int = 2
 
 
@@ -191,6 +211,8 @@ QUICK = replace(
     filter_time_micro=(2, 4),
     filter_time_warmup=1,
     filter_time_calls=2,
+    fsdp2_model=(32, 2),
+    fsdp2_steps=3,
 )
 
 
@@ -394,6 +416,7 @@ class Context:
     sizes: Sizes
     workdir: str
     _templates: dict[ModelSpec, ImageClassifier] = field(default_factory=dict)
+    fsdp2: dict[str, Any] | None = None  # the FSDP2 worker's report, once run
 
     @property
     def cuda(self) -> bool:
@@ -863,6 +886,256 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
+# -- FSDP2 (one torchrun process: FSDP2 needs a process group) -----------------------------------------------
+
+
+def _llama(hidden: int, layers: int, seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64), max_position_embeddings=128,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+class SyntheticTokens(torch.utils.data.Dataset):
+    """Random token sequences of varying length, labels the tokens (a causal LM's token-normalised loss)."""
+
+    def __init__(self, size: int, length: int = 32, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.sequences = [torch.randint(0, 512, (length - i % 7,), generator=generator) for i in range(size)]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.sequences[index]}
+
+
+def collate_tokens(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, example in enumerate(examples):
+        ids[row, : len(example["input_ids"])], mask[row, : len(example["input_ids"])] = example["input_ids"], 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def fsdp2_exchange_run(device: torch.device, sizes: Sizes) -> dict[str, Any]:
+    """`FSDPExchange` at world size 1 against the data-parallel exchange on the same micro-gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_gaf import FSDPExchange, GAFExchange
+
+    hidden, layers = QUICK.fsdp2_model
+    k, steps = 3, 3
+    data = SyntheticTokens(steps, seed=2)
+    batches = [{key: value.to(device) for key, value in collate_tokens([data[i]]).items()} for i in range(steps)]
+
+    def loss(model, step: int, kk: int) -> torch.Tensor:
+        """Micro-batch `kk` of `step`: the step's sequence, its last token changed in the second; the third negated."""
+        batch = dict(batches[step])
+        if kk == 1:
+            batch["input_ids"] = batch["input_ids"].clone()
+            batch["input_ids"][0, -1] = (batch["input_ids"][0, -1] + 1) % 512
+        value = model(**batch).loss / k
+        return -value if kk == k - 1 else value  # the last micro-batch of each step pulls the other way
+
+    sharded = _llama(hidden, layers).to(device)
+    mesh = init_device_mesh(device.type, (1,))
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    exchange = FSDPExchange(sharded, k)
+    reference = _llama(hidden, layers).to(device)
+    initial = flat_parameters(reference)
+    buffer, data_parallel = GradientBuffer(reference.parameters(), k), GAFExchange()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (sharded, reference)]
+    ours, theirs = [], []
+    for step in range(steps):
+        for kk in range(k):
+            with exchange.capturing(kk):
+                loss(sharded, step, kk).backward()
+            with buffer.capturing(kk):
+                loss(reference, step, kk).backward()
+        result = exchange(FILTER_THRESHOLD, scale=k)
+        expected = data_parallel(buffer.buffer, FILTER_THRESHOLD, out=buffer.gradient, scale=k, received=buffer.received)
+        ours.append(result)
+        theirs.append(expected)
+        if not expected.skipped:
+            buffer.install(expected.received)
+        for optimizer, skipped in zip(optimizers, (result.skipped, expected.skipped)):
+            if not skipped:
+                optimizer.step()
+            optimizer.zero_grad()
+    gathered = torch.cat([p.full_tensor().detach().reshape(-1).float().cpu() for p in sharded.parameters()])
+    distance = max(
+        (abs(a - b) for r, e in zip(ours, theirs) for a, b in zip(r.distances.tolist(), e.distances.tolist()) if a == a and b == b),
+        default=0.0,
+    )
+    return {
+        "accepted": [r.accepted.tolist() for r in ours], "reference_accepted": [e.accepted.tolist() for e in theirs],
+        "max_distance_difference": distance,
+        "relative_difference": relative_distance(gathered, flat_parameters(reference), initial),
+        "parameters": int(initial.numel()), "micro_gradients_per_step": k, "world_size": 1,
+    }  # fmt: skip
+
+
+def fsdp2_trainer_runs(device: torch.device, sizes: Sizes, workdir: str) -> dict[str, Any]:
+    """Trainer and GAFTrainer under accelerate's FSDP2: equivalence (fp32), then speed and memory (bf16)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    cuda = device.type == "cuda"
+    fsdp = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+
+    def train(gaf: bool, hidden: int, layers: int, steps: int, **options: Any) -> dict[str, Any]:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+        base = dict(
+            output_dir=workdir, report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+            per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=steps, seed=0,
+            dataloader_num_workers=0, use_cpu=not cuda, **(fsdp if cuda else {}), **options,
+        )  # fmt: skip
+        args = GAFTrainingArguments(**base, gaf_threshold=2.0) if gaf else TrainingArguments(**base)
+        recorder = StepRecorder(device)
+        baseline = _reset_peak_memory(device)
+        trainer = (GAFTrainer if gaf else Trainer)(
+            model=_llama(hidden, layers), args=args, train_dataset=SyntheticTokens(steps * 4), data_collator=collate_tokens,
+            callbacks=[recorder],
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        recorder.trainer = trainer
+        trainer.train()
+        parameters = torch.cat([
+            (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1).float().cpu()
+            for p in trainer.model.parameters()
+        ])  # fmt: skip
+        run = {
+            "sharded": type(next(trainer.model.parameters())).__name__ == "DTensor", "parameters": parameters,
+            "step_times": recorder.step_times, "accepted_all": all(s.get("gaf_accepted") == s.get("gaf_microgradients") for s in recorder.steps),
+            "peak_memory": torch.cuda.max_memory_allocated(device) - baseline if cuda else None,
+            "numel": int(parameters.numel()),
+        }  # fmt: skip
+        del trainer
+        free_memory()
+        return run
+
+    hidden, layers = QUICK.fsdp2_model
+    plain, gaf = train(False, hidden, layers, 6, learning_rate=1e-3), train(True, hidden, layers, 6, learning_rate=1e-3)
+    initial = flat_parameters(_llama(hidden, layers))
+    report: dict[str, Any] = {
+        "fsdp": cuda, "sharded": [plain["sharded"], gaf["sharded"]], "accepted_all": gaf["accepted_all"],
+        "relative_difference": relative_distance(gaf["parameters"], plain["parameters"], initial),
+    }  # fmt: skip
+    if cuda:
+        hidden, layers = sizes.fsdp2_model
+        steps, warmup = sizes.fsdp2_steps + 3, 3
+        timed = {"gaf": [], "trainer": []}
+        peaks = {}
+        for kind in ("trainer", "gaf", "gaf", "trainer"):
+            run = train(kind == "gaf", hidden, layers, steps, bf16=True, learning_rate=1e-4)
+            timed[kind] += run["step_times"][warmup:]
+            peaks[kind] = min(peaks.get(kind, math.inf), run["peak_memory"])
+            report["speed_parameters"] = run["numel"]
+        report.update(gaf_step_s=timed["gaf"], trainer_step_s=timed["trainer"], gaf_peak_bytes=peaks["gaf"],
+                      trainer_peak_bytes=peaks["trainer"], speed_model=f"Llama hidden {hidden}, {layers} layers")  # fmt: skip
+    return report
+
+
+def fsdp2_worker(out: Path, quick: bool) -> None:
+    """The `--fsdp2-worker` entry: run by `torchrun --nproc_per_node 1`, writes `out` (JSON)."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    sizes = QUICK if quick else FULL
+    transformers.logging.set_verbosity_error()
+    report: dict[str, Any] = {}
+    for name, run in (("exchange", lambda: fsdp2_exchange_run(device, sizes)),
+                      ("trainer", lambda: fsdp2_trainer_runs(device, sizes, tempfile.mkdtemp(prefix="gpu_check_fsdp2_")))):  # fmt: skip
+        try:
+            report[name] = run()
+        except Exception as error:  # noqa: BLE001 - recorded per part, the check reports it
+            report[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    write_json(out, report)
+    dist.destroy_process_group()
+
+
+def _fsdp2_report(context: Context) -> dict[str, Any]:
+    """The FSDP2 worker's report, from one `torchrun` process run once per gpu_check run."""
+    if context.fsdp2 is None:
+        import subprocess
+
+        from hf_gaf.testing import free_port
+
+        out = Path(context.workdir) / "fsdp2.json"
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", str(Path(__file__).resolve()), "--fsdp2-worker", str(out),
+            *(["--quick"] if context.sizes is QUICK else []),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+        if done.returncode or not out.exists():
+            raise RuntimeError(f"the FSDP2 worker failed ({done.returncode}): {done.stderr[-2000:]}")
+        context.fsdp2 = json.loads(out.read_text())
+    return context.fsdp2
+
+
+def _fsdp2_part(context: Context, name: str) -> dict[str, Any]:
+    part = _fsdp2_report(context)[name]
+    if "error" in part:
+        raise RuntimeError(f"{part['error']}\n{part['traceback']}")
+    return part
+
+
+def check_fsdp2_exchange(context: Context) -> Outcome:
+    """`FSDPExchange` at world size 1 decides and updates as the data-parallel exchange (module docstring)."""
+    part = _fsdp2_part(context, "exchange")
+    same = part["accepted"] == part["reference_accepted"]
+    rejected = sum(not a for step in part["accepted"] for a in step)
+    passed = same and rejected > 0 and part["max_distance_difference"] <= DISTANCE_TOLERANCE and part["relative_difference"] <= 1e-5
+    return Outcome(
+        passed,
+        f"accepted sets {'equal' if same else 'differ'} ({rejected} rejected), distances within "
+        f"{part['max_distance_difference']:.1g}, relative parameter difference {part['relative_difference']:.2g}",
+        part,
+    )
+
+
+def check_fsdp2_trainer(context: Context) -> Outcome:
+    """`GAFTrainer` at tau = 2 under accelerate's FSDP2 trains as `Trainer` does (module docstring)."""
+    part = _fsdp2_part(context, "trainer")
+    if not part["fsdp"]:
+        raise Skipped("needs CUDA: accelerate runs FSDP2 only on accelerators (this dry run trained without it)", part)
+    passed = all(part["sharded"]) and part["accepted_all"] and part["relative_difference"] <= EQUIVALENCE_FLOOR["fp32"]
+    return Outcome(passed, f"sharded {part['sharded']}, relative difference {part['relative_difference']:.2g}", part)
+
+
+def check_fsdp2_speed(context: Context) -> Outcome:
+    part = _fsdp2_part(context, "trainer")
+    if not part["fsdp"]:
+        raise Skipped("needs CUDA: accelerate runs FSDP2 only on accelerators", part)
+    gaf, trainer = statistics.median(part["gaf_step_s"]), statistics.median(part["trainer_step_s"])
+    return Outcome(math.isfinite(gaf / trainer), f"{part['speed_model']}, bf16, K=2: ratio {gaf / trainer:.3f}",
+                   {**part, "ratio": gaf / trainer})  # fmt: skip
+
+
+def check_fsdp2_memory(context: Context) -> Outcome:
+    part = _fsdp2_part(context, "trainer")
+    if not part["fsdp"]:
+        raise Skipped("needs CUDA: peak memory is torch.cuda.max_memory_allocated", part)
+    extra, p = part["gaf_peak_bytes"] - part["trainer_peak_bytes"], part["speed_parameters"]
+    documented = (context.sizes.accumulation + 1) * p * 4  # shards in the float32 reduce dtype, and the filtered shard
+    return Outcome(extra <= documented, f"extra {_gib(extra)} = {extra / (4 * p):.2f} x P (at most (K+1) x P = {_gib(documented)})",
+                   {**part, "extra_bytes": extra, "documented_bytes": documented})  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Check:
     """A named check; its group (`correctness`, `speed`, `memory`) is the name's first part."""
@@ -896,17 +1169,25 @@ CHECKS: tuple[Check, ...] = (
               "gradients torch.testing.assert_close")
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16))
     ),
+    Check("correctness/fsdp2/exchange", check_fsdp2_exchange,
+          "FSDPExchange at world size 1: accepted sets equal to the data-parallel exchange's, distances within "
+          f"{DISTANCE_TOLERANCE:g}, parameters within 1e-5"),
+    Check("correctness/fsdp2/trainer", check_fsdp2_trainer,
+          "GAFTrainer at tau=2 under accelerate's FSDP2: sharded, every micro-gradient accepted, relative parameter "
+          f"difference to Trainer under FSDP2 <= {EQUIVALENCE_FLOOR['fp32']:g}"),
     *(
         Check(f"speed/{key}", partial(check_speed, key=key),
               "measured; GAF accepts every micro-gradient at gaf_threshold=2")
         for key in ("resnet18", "vit_large")
     ),
     Check("speed/filter", check_filter_time, "measured; every row accepted at tau=2 and the output is their mean"),
+    Check("speed/fsdp2", check_fsdp2_speed, "measured; GAFTrainer over Trainer under FSDP2, bf16, K=2"),
     *(
         Check(f"memory/{key}", partial(check_memory, key=key),
               "peak(GAFTrainer) - peak(Trainer) <= (K+1) x P x element size")
         for key in ("resnet18", "vit_large")
     ),
+    Check("memory/fsdp2", check_fsdp2_memory, "peak(GAFTrainer) - peak(Trainer) under FSDP2 <= (K+1) x P x 4 bytes"),
 )  # fmt: skip
 
 
@@ -1038,6 +1319,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--fsdp2-worker":  # the FSDP2 checks' torchrun process
+        fsdp2_worker(Path(argv[1]), "--quick" in argv)
+        return 0
     arguments = parse_arguments(argv)
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         print(f"gpu_check runs on one GPU, but {torch.cuda.device_count()} are visible; pick one, e.g. "
@@ -1052,7 +1337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = arguments.output_dir / f"{output_stem(NAME, quick=quick, tag=output_tag(arguments.only))}.json"
     sizes = QUICK if quick else FULL
     payload: dict[str, Any] = {
-        "command": command_line("gpu_check.py", list(argv) if argv is not None else None),
+        "command": command_line("gpu_check.py", argv),
         "dry_run": device.type != "cuda", "quick": quick, "complete": False, "device": device_info(device),
         "machine": machine("transformers", "accelerate", "timm"), "hf_gaf": hf_gaf.__version__,
         "time_budget_s": arguments.time_budget, "sizes": asdict(sizes), "checks": [],

@@ -28,13 +28,20 @@ CHECK_NAMES = [
     "correctness/filter/float32",
     "correctness/filter/bfloat16",
     "correctness/filter/float16",
+    "correctness/fsdp2/exchange",
+    "correctness/fsdp2/trainer",
     "speed/resnet18",
     "speed/vit_large",
     "speed/filter",
+    "speed/fsdp2",
     "memory/resnet18",
     "memory/vit_large",
+    "memory/fsdp2",
 ]
-NEEDS_CUDA = {"correctness/fp16/skipped_step", "correctness/fp16/non_finite", "memory/resnet18", "memory/vit_large"}
+NEEDS_CUDA = {
+    "correctness/fp16/skipped_step", "correctness/fp16/non_finite", "correctness/fsdp2/trainer", "speed/fsdp2",
+    "memory/resnet18", "memory/vit_large", "memory/fsdp2",
+}
 
 
 def _run(out_dir: Path, *arguments: str) -> subprocess.CompletedProcess:
@@ -73,6 +80,10 @@ def test_dry_run_without_cuda(tmp_path):
             details = checks[f"correctness/equivalence/{precision}/k{k}"]["details"]
             assert details["gradient_accumulation_steps"] == k and details["all_accepted"]
             assert 0.0 <= details["relative_difference"] <= details["allowed"]
+    exchange = checks["correctness/fsdp2/exchange"]["details"]
+    assert exchange["accepted"] == exchange["reference_accepted"] and not all(exchange["accepted"][0])
+    trainer = checks["correctness/fsdp2/trainer"]["details"]  # without CUDA the worker trains without FSDP
+    assert trainer["fsdp"] is False and trainer["accepted_all"] and trainer["relative_difference"] <= 1e-5
     for dtype in ("float32", "bfloat16", "float16"):
         cases = checks[f"correctness/filter/{dtype}"]["details"]["cases"]
         assert [(c["micro"], c["rule"]) for c in cases] == [(m, r) for m in (2, 3, 4, 8) for r in ("sequential", "best_start")]
@@ -98,7 +109,7 @@ def test_only_runs_the_named_checks_into_its_own_file(tmp_path):
 
 
 def test_only_rejects_a_name_that_matches_nothing(gpu_check):
-    assert [c.name for c in gpu_check.select_checks("memory")] == ["memory/resnet18", "memory/vit_large"]
+    assert [c.name for c in gpu_check.select_checks("memory")] == ["memory/resnet18", "memory/vit_large", "memory/fsdp2"]
     assert gpu_check.select_checks("speed/vit_large,memory/vit_large")[0].name == "speed/vit_large"
     with pytest.raises(ValueError, match=r"speed/vit.*names no check.*correctness, memory, speed"):
         gpu_check.select_checks("speed/vit")  # leading parts are whole parts of a name
