@@ -233,6 +233,10 @@ class GAFState(TrainerCallback, ExportableState):
         }
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.restore(state)
+
+    def restore(self, state) -> None:
+        """Take the values saved in a `TrainerState` (a checkpoint's `trainer_state.json`), if it holds any."""
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, dict):
             for name, value in saved.get("attributes", {}).items():

@@ -30,9 +30,10 @@ import datasets
 import numpy as np
 import torch
 from datasets import ClassLabel, DatasetDict
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser, TrainerState, set_seed
 from transformers.integrations import TensorBoardCallback
 
+from .. import rule
 from ..arguments import GAF_DESCRIPTION, GAF_FIELDS, GAFTrainingArguments
 from .checkpoints import last_complete_checkpoint
 from .data import (
@@ -242,13 +243,8 @@ def set_threads(model: torch.nn.Module, processes_per_node: int) -> int:
 
 
 def check_microgradients(training_args: GAFTrainingArguments) -> None:
-    """Refuse, before any data or model is built, a run with one micro-gradient per step."""
-    if training_args.world_size * training_args.gradient_accumulation_steps < 2:
-        raise ValueError(
-            f"GAF needs at least two micro-gradients per optimizer step, but {training_args.world_size} process(es) x "
-            f"gradient_accumulation_steps {training_args.gradient_accumulation_steps} = 1. Pass "
-            "--gradient_accumulation_steps 2, or launch several processes (accelerate launch, torchrun)."
-        )
+    """Refuse, before any data or model is built, a run with one micro-gradient per step (the library's check)."""
+    rule.check_microgradients(training_args.world_size, training_args.gradient_accumulation_steps)
 
 
 def resolve_dataset_defaults(data_args: DataArguments, model_args: ModelArguments) -> None:
@@ -410,9 +406,38 @@ def resume_point(resume_from_checkpoint: str | None, output_dir: str) -> str | N
     return str(checkpoint)
 
 
+def finished_checkpoint(checkpoint: str | None, args) -> TrainerState | None:
+    """The state of `checkpoint` when it already reached the run's last step (`--max_steps`, or the epochs'), else None.
+
+    The Trainer resumed from such a checkpoint would train one more step; the entry point evaluates it instead.
+    """
+    if checkpoint is None:
+        return None
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    last = args.max_steps if args.max_steps > 0 else state.max_steps
+    return state if state.global_step >= last > 0 else None
+
+
+def evaluate_checkpoint(trainer: ClassBalancedGAFTrainer, checkpoint: str, state: TrainerState) -> None:
+    """Give `trainer` the model, the Trainer state and the GAF state of a finished `checkpoint`, without training."""
+    trainer.model = type(trainer.model).from_pretrained(checkpoint).to(trainer.args.device)
+    trainer.state = state
+    trainer.gaf_state.restore(state)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer, data = build_trainer(argv)
-    trainer.train(resume_from_checkpoint=resume_point(trainer.args.resume_from_checkpoint, trainer.args.output_dir))
+    checkpoint = resume_point(trainer.args.resume_from_checkpoint, trainer.args.output_dir)
+    finished = finished_checkpoint(checkpoint, trainer.args)
+    if finished is not None:
+        print(
+            f"{checkpoint} already reached the last step of this run (global step {finished.global_step} of "
+            f"{finished.max_steps}): evaluating it, without training. Raise --max_steps (or --num_train_epochs) to "
+            "train on from it."
+        )
+        evaluate_checkpoint(trainer, checkpoint, finished)
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     results = evaluate_run(trainer, data)
     trainer.log_metrics("final", results)
     trainer.save_metrics("final", results)

@@ -60,7 +60,7 @@ def test_one_microgradient_per_step_is_refused_before_data_and_model(monkeypatch
         raise AssertionError("data were prepared before the configuration was checked")
 
     monkeypatch.setattr(cli, "prepare_data", must_not_run)
-    with pytest.raises(ValueError, match=r"1 process\(es\) x gradient_accumulation_steps 1 = 1.*--gradient_accumulation_steps 2"):
+    with pytest.raises(ValueError, match=r"world_size x gradient_accumulation_steps = 1 x 1 = 1.*--gradient_accumulation_steps 2"):
         cli.build_trainer(["--gradient_accumulation_steps", "1"])
 
 
@@ -156,6 +156,26 @@ def test_resume_passes_over_a_checkpoint_left_half_written(tmp_path):
     expected, got = final_results(full), final_results(cut)
     assert {k: got[k] for k in expected if not k.endswith(("runtime", "per_second"))} == {
         k: expected[k] for k in expected if not k.endswith(("runtime", "per_second"))
+    }
+
+
+def test_resuming_a_run_that_already_finished_evaluates_it_without_training(tmp_path):
+    common = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--report_to", "none"]
+    output_dir = tmp_path / "run"
+    done = run([sys.executable, "-m", "hf_gaf.train", *common, "--output_dir", str(output_dir)], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = final_results(output_dir)
+    resumed = run(
+        [sys.executable, "-m", "hf_gaf.train", *common, "--output_dir", str(output_dir), "--resume_from_checkpoint", "last"],
+        tmp_path,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-8 already reached the last step of this run (global step 8 of 8)" in resumed.stdout
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"], "it trained on"
+    again = final_results(output_dir)
+    assert {k: again[k] for k in first if not k.endswith(("runtime", "per_second"))} == {
+        k: first[k] for k in first if not k.endswith(("runtime", "per_second"))
     }
 
 
