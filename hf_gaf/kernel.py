@@ -32,8 +32,7 @@ __all__ = [
 ]
 
 # Columns per chunk of the float32 Gram products, accumulated in float64: bounds the float32
-# rounding independently of P (cosines within 2e-7 of exact for float32 input, 3e-6 for
-# bfloat16, from 1K to 11M columns).
+# rounding independently of P (docs/algorithm.md, "Exactness", gives the measured bounds).
 GRAM_CHUNK = 1 << 14
 
 # Elements of the block per batched product: bounds the float32 copy of half-precision input. An

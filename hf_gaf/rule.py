@@ -237,8 +237,8 @@ def gram_matrix(block: torch.Tensor | list[torch.Tensor], units: Units | None = 
     Products are taken in float32 (float64 for float64 input) over chunks of `GRAM_CHUNK`
     columns and accumulated in float64, so that half-precision gradients lose nothing and long
     vectors lose little. The chunks go through one batched matrix product per span of columns: a
-    single `[M, P] @ [P, M]` product would round like one long float32 sum (errors of 1e-4 at
-    10M columns), and a Python loop over chunks costs more than the reads. A finite block whose
+    single `[M, P] @ [P, M]` product would round like one long float32 sum, and a Python loop
+    over chunks costs more than the reads (docs/algorithm.md measures both). A finite block whose
     float32 products overflow is recomputed in float64, so an inf on the diagonal always means
     an inf or NaN in the micro-gradient.
     """
@@ -380,8 +380,8 @@ def _run_rule(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run Algorithm 1 for every unit from each start at once; `accepted` and `distances`, `[U, R, M]`.
 
-    A loop of `M` steps over tiny arrays: numpy takes microseconds per step where torch takes
-    a hundred, with the same float64 arithmetic.
+    A loop of `M` steps over tiny arrays, in numpy: per-call overheads dominate at this size,
+    and numpy's are the smaller (docs/algorithm.md), with the same float64 arithmetic.
     """
     u, m = valid.shape
     r = starts.size

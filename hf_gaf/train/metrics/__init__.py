@@ -1,7 +1,7 @@
 """Accuracy and label-noise memorisation through `evaluate`, offline.
 
 `evaluate.load("accuracy")` fetches its script from the Hub. The metric scripts here ship inside
-the package (`hf_gaf/metrics/<name>/<name>.py`, the Hub's layout) and `load_metric` hands their
+the package (`hf_gaf/train/metrics/<name>/<name>.py`, the Hub's layout) and `load_metric` hands their
 local path to `evaluate.load`, so they behave like Hub metrics and never touch the network.
 
 With `transformers.Trainer`:
