@@ -444,8 +444,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if trainer.is_world_process_zero():
         print(f"Results written to {os.path.join(trainer.args.output_dir, 'final_results.json')}")
         for callback in trainer.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.logging_dir:
-                print(f"Logs for tensorboard in {callback.logging_dir} (tensorboard --logdir {callback.logging_dir})")
+            logging_dir = getattr(callback, "logging_dir", None) or getattr(trainer.args, "logging_dir", None)
+            if isinstance(callback, TensorBoardCallback) and logging_dir:  # transformers 4.x: only args know it
+                print(f"Logs for tensorboard in {logging_dir} (tensorboard --logdir {logging_dir})")
     return results
 
 
