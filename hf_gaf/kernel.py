@@ -40,6 +40,9 @@ GRAM_CHUNK = 1 << 14
 _GRAM_SPAN_CPU = 1 << 22
 _GRAM_SPAN_ACCELERATOR = 1 << 26
 
+# Columns below which a piece of a segment is summed elementwise with the other short ones.
+_SHORT = 1 << 11
+
 
 def as_rows(grads: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     """Validate `M` micro-gradients and return them as rows, without copying them.
@@ -140,17 +143,38 @@ def _products(x, y, segments, units: int) -> torch.Tensor:
 
 
 def _segment_products(x, y, segments, units: int, dtype: torch.dtype) -> torch.Tensor:
-    """Segments of a Gram chunk or more go through batched chunk products; the short ones are summed at once.
+    """Whole Gram chunks go through batched chunk products; what is left of each segment is summed at once.
 
-    Parameter tensors are short as often as long (biases, norms): one product per short segment
-    would cost more in calls than in arithmetic, so their columns are gathered into one block,
-    multiplied elementwise and summed per unit.
+    Every Gram chunk (of the column grid, aligned to the rows' first column) that lies inside one
+    segment is multiplied with the others of its span in one batched product and added to its
+    unit's matrix, whichever segments the span holds: a model's hundreds of parameter tensors cost
+    no more batched products than one. What is left of a segment outside whole chunks, at most a
+    chunk at either end, is one product when long; the short pieces (biases, norms) are
+    gathered into one block, multiplied elementwise and summed per unit, which costs fewer calls
+    than one product each.
     """
     out = torch.zeros(units, len(x), len(y), dtype=torch.float64, device=x[0].device)
-    short = [(lo, hi, unit) for lo, hi, unit in segments if hi - lo < GRAM_CHUNK]
+    owner: dict[int, int] = {}  # aligned chunk -> unit, for the chunks inside one segment
+    rest = []
     for lo, hi, unit in segments:
-        if hi - lo >= GRAM_CHUNK:
-            out[unit] += _chunked_products(x, y, lo, hi, dtype)
+        first, last = -(-lo // GRAM_CHUNK), hi // GRAM_CHUNK
+        if first >= last:
+            rest.append((lo, hi, unit))
+            continue
+        if lo < first * GRAM_CHUNK:
+            rest.append((lo, first * GRAM_CHUNK, unit))
+        if last * GRAM_CHUNK < hi:
+            rest.append((last * GRAM_CHUNK, hi, unit))
+        owner.update(dict.fromkeys(range(first, last), unit))
+    if owner:
+        out += _chunked_products(x, y, owner, units, dtype)
+    short = [(lo, hi, unit) for lo, hi, unit in rest if hi - lo < _SHORT]
+    with _ieee_float32(x[0].device):
+        for lo, hi, unit in rest:
+            if hi - lo >= _SHORT:
+                left = take_columns(x, lo, hi).to(dtype)
+                right = left if y is x else take_columns(y, lo, hi).to(dtype)
+                out[unit] += (left @ right.T).to(torch.float64)
     if short:
         out += _short_segment_products(x, y, short, units, dtype)
     return out
@@ -196,24 +220,32 @@ def _ieee_float32(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
-def _chunked_products(x, y, first: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+def _chunked_products(x, y, owner: dict[int, int], units: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[U, A, B]`: the products of the chunks in `owner` (chunk index -> unit), a span of chunks per batched product."""
     a, b = len(x), len(y)
     device = x[0].device
-    out = torch.zeros(a, b, dtype=torch.float64, device=device)
-    span = max(1, _span(device) // (max(a, b) * GRAM_CHUNK)) * GRAM_CHUNK
-    x_staging = staging_buffer(x, min(span, stop - first))
-    y_staging = None if y is x else staging_buffer(y, min(span, stop - first))
+    out = torch.zeros(units, a, b, dtype=torch.float64, device=device)
+    first, stop = min(owner), max(owner) + 1
+    step = max(1, _span(device) // (max(a, b) * GRAM_CHUNK))
+    x_staging = staging_buffer(x, min(step, stop - first) * GRAM_CHUNK)
+    y_staging = None if y is x else staging_buffer(y, min(step, stop - first) * GRAM_CHUNK)
+    one_unit = len(set(owner.values())) == 1
     with _ieee_float32(device):
-        for start in range(first, stop, span):
-            end = min(start + span, stop)
-            left = take_columns(x, start, end, x_staging).to(dtype)
-            right = left if y is x else take_columns(y, start, end, y_staging).to(dtype)
-            whole = left.shape[1] - left.shape[1] % GRAM_CHUNK
-            if whole:
-                lc, rc = (t[:, :whole].unflatten(1, (-1, GRAM_CHUNK)).transpose(0, 1) for t in (left, right))
-                out += torch.bmm(lc, rc.transpose(1, 2)).to(torch.float64).sum(0)  # [chunks, A, B] summed
-            if whole < left.shape[1]:
-                out += (left[:, whole:] @ right[:, whole:].T).to(torch.float64)
+        for start in range(first, stop, step):
+            end = min(start + step, stop)
+            present = [c for c in range(start, end) if c in owner]
+            if not present:
+                continue
+            left = take_columns(x, start * GRAM_CHUNK, end * GRAM_CHUNK, x_staging).to(dtype)
+            right = left if y is x else take_columns(y, start * GRAM_CHUNK, end * GRAM_CHUNK, y_staging).to(dtype)
+            lc, rc = (t.unflatten(1, (-1, GRAM_CHUNK)).transpose(0, 1) for t in (left, right))
+            products = torch.bmm(lc, rc.transpose(1, 2))  # [chunks, A, B]
+            if one_unit and len(present) == end - start:
+                out[owner[start]] += products.to(torch.float64).sum(0)
+            else:
+                index = torch.tensor([c - start for c in present], device=device)
+                unit = torch.tensor([owner[c] for c in present], device=device)
+                out.index_add_(0, unit, products.index_select(0, index).to(torch.float64))
     return out
 
 
