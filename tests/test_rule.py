@@ -243,29 +243,6 @@ def test_gram_matrix_batches_whole_chunks_like_a_loop_over_them(m, dtype):
     torch.testing.assert_close(gram_matrix(block), looped, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inner_products_assemble_the_gram_matrix_from_blocks_of_rows(dtype):
-    # The sharded exchange reads its own rows in place (a strided view of the caller's [K, P]) and
-    # the received ones from another tensor; the blocks must make up the Gram matrix of all rows.
-    gen = torch.Generator().manual_seed(10)
-    block = torch.randn(5, 200_001, generator=gen).to(dtype)
-    mine, theirs = block[1:3], torch.cat([block[:1], block[3:]])
-    assert not mine[:, 7:].is_contiguous()
-    blocks = torch.zeros(5, 5, dtype=torch.float64)
-    inner_products(mine, mine, out=blocks[:2, :2])
-    inner_products(mine, theirs, out=blocks[:2, 2:])
-    inner_products(theirs, theirs, out=blocks[2:, 2:])
-    blocks[2:, :2] = blocks[:2, 2:].T
-    canonical = torch.tensor([2, 0, 1, 3, 4])
-    exact = block.double() @ block.double().T
-    norms = exact.diagonal().sqrt()
-    cosine_error = (blocks[canonical][:, canonical] - exact) / (norms[:, None] * norms[None, :])
-    assert cosine_error.abs().max() < 1e-5
-    assert torch.equal(inner_products(block, block), gram_matrix(block))
-    with pytest.raises(ValueError, match="equal length"):
-        inner_products(block, block[:, 1:])
-
-
 def test_decide_is_deterministic_and_works_from_gram_alone():
     gen = torch.Generator().manual_seed(8)
     vectors = torch.randn(16, 32, generator=gen, dtype=torch.float64) + 1.0
